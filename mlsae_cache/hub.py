@@ -1,0 +1,29 @@
+"""Fail fast, in one line, when the Hugging Face hub is needed but out of reach."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from urllib.parse import urlparse
+
+
+def hub_offline_by_setting() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within ``timeout_s``.
+
+    Loading libraries retry for tens of seconds before failing; one short connect answers at once.
+    """
+    if hub_offline_by_setting():
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,177 @@
+"""The language model wrapper: load any Hugging Face causal LM and read its residual stream per block.
+
+``x[t, l]`` is the output of decoder block ``l`` (SPEC 1). Inner blocks' outputs equal
+``output_hidden_states[l + 1]``; the last block's output is taken from the block itself, BEFORE the
+final norm (``hidden_states[-1]`` in transformers is after it). The blocks are found generically as
+the ``nn.ModuleList`` of ``num_hidden_layers`` modules, which covers GPT-NeoX (Pythia), Llama
+(SmolLM2) and GPT-2 alike.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import MlsaeError
+from .hub import hub_reachable
+
+PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+_PYTHIA = re.compile(r"^pythia-(" + "|".join(re.escape(s) for s in PYTHIA_SIZES) + r")(-deduped)?$")
+
+
+def resolve_model_name(name: str) -> str:
+    """``pythia-70m`` (and ``-deduped``) -> ``EleutherAI/pythia-70m``; anything else is returned as given."""
+    return f"EleutherAI/{name}" if _PYTHIA.match(name) else name
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def _check_loadable(name: str) -> None:
+    """Raise a one-line error for a name that is neither a local directory nor reachable on the hub."""
+    if is_local(name):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise MlsaeError(f"model directory {name} does not exist; pass an existing local directory or a hub id such as pythia-70m")
+    if not hub_reachable():
+        raise MlsaeError(
+            f"cannot reach the Hugging Face hub to download model {name}; "
+            "download it where there is internet and pass its local directory with --model DIR"
+        )
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_name(name)
+    _check_loadable(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise MlsaeError(f"cannot load a tokenizer for {name} ({_first_line(exc)}); check the model name or directory") from None
+
+
+def load_model(name: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM in eval mode, by Pythia short name, hub id or local directory."""
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model_name(name)
+    _check_loadable(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise MlsaeError(f"cannot load model {name} ({_first_line(exc)}); check the model name or directory") from None
+    return model.to(device).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def n_layers_of(model: nn.Module) -> int:
+    config = model.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise MlsaeError(f"cannot tell how many layers {type(model).__name__} has; its config names no num_hidden_layers")
+
+
+def d_model_of(model: nn.Module) -> int:
+    config = model.config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise MlsaeError(f"cannot tell the residual width of {type(model).__name__}; its config names no hidden_size")
+
+
+def context_length_of(model: nn.Module) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks: the ModuleList holding exactly ``num_hidden_layers`` modules."""
+    n_layers = n_layers_of(model)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not candidates:
+        raise MlsaeError(f"cannot find the {n_layers} decoder blocks of {type(model).__name__}; this architecture is not supported")
+    # the blocks hold the most parameters of all candidate lists (e.g. not a list of rotary caches)
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested block has run: the rest of the model is skipped."""
+
+
+@dataclass
+class ResidualReader:
+    """Reads the outputs of selected decoder blocks in one forward pass that stops after the last one.
+
+    ``read(input_ids)`` returns ``[batch, seq, n_selected_layers, d_model]`` float32-or-model-dtype.
+    """
+
+    model: nn.Module
+    layers: list[int]
+
+    def __post_init__(self) -> None:
+        self.blocks = decoder_blocks(self.model)
+        n_layers = len(self.blocks)
+        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise MlsaeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}; fix --layers")
+        # the base model skips the unembedding, which is most of the cost for small models
+        self.body = getattr(self.model, "base_model", self.model)
+
+    @torch.inference_mode()
+    def read(self, input_ids: torch.Tensor) -> torch.Tensor:
+        captured: dict[int, torch.Tensor] = {}
+        last = max(self.layers)
+        wanted = set(self.layers)
+
+        def make_hook(layer: int) -> Callable:
+            def hook(_module: nn.Module, _inputs, output) -> None:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output  # [batch, seq, d]
+                if layer in wanted:
+                    captured[layer] = hidden
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[layer].register_forward_hook(make_hook(layer)) for layer in range(last + 1)]
+        try:
+            self.body(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([captured[layer] for layer in self.layers], dim=2)  # [batch, seq, L, d]
+
+
+@contextmanager
+def replace_block_output(model: nn.Module, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the context, block ``layer``'s output hidden state is ``replace(hidden)`` (for splicing)."""
+    block = decoder_blocks(model)[layer]
+
+    def hook(_module: nn.Module, _inputs, output):
+        if isinstance(output, (tuple, list)):
+            return (replace(output[0]), *output[1:])
+        return replace(output)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,335 @@
+"""The on-disk cache format: the one module that both the writer and the reader import.
+
+A cache is a directory::
+
+    CACHE/
+      config.json               identity of the cache (model, data, layers, dtype, format, ...), written first
+      shards/shard-000000.h5    activations of a run of whole sequences (HDF5) ...
+      shards/shard-000000.tar   ... or the same as a WebDataset tar (one sample per sequence)
+      shards/shard-000000.json  sidecar: token count, sha256 of the shard file, per-layer statistic sums
+      manifest.json             written last: config + every shard + merged statistics + token counts
+
+Every file is written under a temporary name and renamed into place, and a shard's sidecar is written
+only after the shard itself, so a shard with a sidecar is complete. A cache is finished when
+``manifest.json`` exists.
+
+Each stored token has activations ``[n_layers, d_model]`` and an identity (sequence, position,
+token id). Activations are stored uncompressed and contiguous, so readers memory-map them and gather
+random tokens without decoding. bfloat16 has no numpy dtype: it is stored as its raw uint16 bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+SHARD_DIR = "shards"
+FORMATS = ("hdf5", "webdataset")
+SHARD_SUFFIX = {"hdf5": ".h5", "webdataset": ".tar"}
+DTYPES = ("float16", "bfloat16", "float32")
+# numpy dtype each storage dtype is written as
+STORAGE_NUMPY = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+# bytes of token identity per token: sequence int64 + position int32 + token id int32
+IDENTITY_BYTES = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype conversion
+
+
+def to_storage(acts: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations -> the array written to disk for ``dtype`` (bfloat16 as rounded uint16 bits)."""
+    acts = np.ascontiguousarray(acts, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = acts.view(np.uint32)
+        # round to nearest even, as torch does when casting float32 -> bfloat16
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return acts.astype(STORAGE_NUMPY[dtype], copy=False)
+
+
+def from_storage(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored array (any shape) -> float32."""
+    if dtype == "bfloat16":
+        return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(stored, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic files and checksums
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# names
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"shard-{index:06d}{SHARD_SUFFIX[fmt]}"
+
+
+def sidecar_name(index: int) -> str:
+    return f"shard-{index:06d}.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics gathered while writing
+
+
+def layer_stat_sums(acts: np.ndarray) -> dict[str, list | float | int]:
+    """Exact float64 sums over tokens, per layer, of one shard's activations.
+
+    acts: [n, n_layers, d] float32. Returns lists indexed by layer position. Sums (not means) so that
+    shards written in any order, by any number of processes, merge to identical statistics.
+    """
+    acts64 = acts.astype(np.float64)  # [n, L, d]
+    sq_norm = np.einsum("nld,nld->nl", acts64, acts64)  # [n, L]
+    return {
+        "count": int(acts.shape[0]),
+        "sum": acts64.sum(axis=0).tolist(),  # [L][d]
+        "sum_sq_norm": sq_norm.sum(axis=0).tolist(),  # [L]
+        "sum_norm": np.sqrt(sq_norm).sum(axis=0).tolist(),  # [L]
+    }
+
+
+def merge_layer_stats(sidecars: list[dict], layers: list[int]) -> dict[str, dict]:
+    """Per-layer mean vector, mean squared norm, mean norm and count, merged over shard sidecars."""
+    d_sum = None
+    count = 0
+    sq = np.zeros(len(layers))
+    nrm = np.zeros(len(layers))
+    for side in sidecars:
+        stats = side["stats"]
+        if stats["count"] == 0:
+            continue
+        part = np.asarray(stats["sum"], dtype=np.float64)
+        d_sum = part if d_sum is None else d_sum + part
+        sq += np.asarray(stats["sum_sq_norm"])
+        nrm += np.asarray(stats["sum_norm"])
+        count += stats["count"]
+    merged = {}
+    for pos, layer in enumerate(layers):
+        merged[str(layer)] = {
+            "count": count,
+            "mean": (d_sum[pos] / max(count, 1)).tolist() if d_sum is not None else [],
+            "mean_sq_norm": float(sq[pos] / max(count, 1)),
+            "mean_norm": float(nrm[pos] / max(count, 1)),
+        }
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# shard writing
+
+
+@dataclass
+class ShardContent:
+    """One shard's tokens, in global-index order."""
+
+    acts: np.ndarray  # [n, n_layers, d] in the storage numpy dtype
+    sequence: np.ndarray  # [n] int64: index of the sequence in the token stream
+    position: np.ndarray  # [n] int32: position within the sequence
+    token_id: np.ndarray  # [n] int32
+
+    def __post_init__(self) -> None:
+        n = self.acts.shape[0]
+        assert self.sequence.shape == (n,) and self.position.shape == (n,) and self.token_id.shape == (n,)
+
+
+def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> None:
+    """Write one shard file atomically (temporary name, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if fmt == "hdf5":
+            _write_hdf5(Path(tmp), content, dtype)
+        else:
+            _write_tar(Path(tmp), content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:
+    with h5py.File(path, "w", libver="latest") as f:
+        # contiguous, uncompressed: the reader memory-maps this dataset directly
+        f.create_dataset("activations", data=c.acts)
+        f.create_dataset("sequence", data=c.sequence.astype("<i8"))
+        f.create_dataset("position", data=c.position.astype("<i4"))
+        f.create_dataset("token_id", data=c.token_id.astype("<i4"))
+        f.attrs["dtype"] = dtype
+        f.attrs["format_version"] = FORMAT_VERSION
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, c: ShardContent) -> None:
+    """WebDataset layout: one sample per sequence, keyed by the zero-padded sequence index.
+
+    Members: ``<key>.acts.npy`` [n_kept, n_layers, d] and ``<key>.tokens.npy`` [n_kept, 3] int64
+    (sequence, position, token id). Streaming consumers read samples with any WebDataset loader.
+    """
+    starts = np.flatnonzero(np.r_[True, c.sequence[1:] != c.sequence[:-1]]) if len(c.sequence) else np.array([], int)
+    ends = np.r_[starts[1:], len(c.sequence)].astype(int)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for start, end in zip(starts, ends):
+            key = f"{int(c.sequence[start]):09d}"
+            tokens = np.stack([c.sequence[start:end], c.position[start:end], c.token_id[start:end]], axis=1).astype("<i8")
+            for member, array in ((f"{key}.acts.npy", c.acts[start:end]), (f"{key}.tokens.npy", tokens)):
+                data = _npy_bytes(array)
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------------------------
+# shard reading
+
+
+@dataclass
+class ShardArrays:
+    """A shard opened for reading: activations memory-mapped, identity columns loaded."""
+
+    acts: np.ndarray  # [n, n_layers, d] storage dtype (memmap for HDF5; concatenated memmaps for tar)
+    sequence: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+
+
+def open_shard(path: Path, fmt: str, dtype: str, n_layers: int, d_model: int) -> ShardArrays:
+    if fmt == "hdf5":
+        return _open_hdf5(path, dtype, n_layers, d_model)
+    return _open_tar(path, dtype, n_layers, d_model)
+
+
+def _open_hdf5(path: Path, dtype: str, n_layers: int, d_model: int) -> ShardArrays:
+    with h5py.File(path, "r") as f:
+        dset = f["activations"]
+        shape = dset.shape
+        if shape[1:] != (n_layers, d_model):
+            raise ValueError(f"activations have shape {shape}, expected [n, {n_layers}, {d_model}]")
+        offset = dset.id.get_offset()
+        identity = [np.asarray(f[name][:]) for name in ("sequence", "position", "token_id")]
+    if shape[0] == 0:
+        acts = np.zeros(shape, STORAGE_NUMPY[dtype])
+    else:
+        if offset is None:
+            raise ValueError("activations are not stored contiguously")
+        acts = np.memmap(path, dtype=STORAGE_NUMPY[dtype], mode="r", offset=offset, shape=shape)
+    return ShardArrays(acts, *identity)
+
+
+def _member_array(f, member: tarfile.TarInfo, mmap: bool, path: Path) -> np.ndarray:
+    f.seek(member.offset_data)
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dt = read_header(f)
+    if fortran:
+        raise ValueError(f"{member.name} is Fortran-ordered")
+    if mmap:
+        return np.memmap(path, dtype=dt, mode="r", offset=f.tell(), shape=shape)
+    return np.frombuffer(f.read(int(np.prod(shape)) * dt.itemsize), dtype=dt).reshape(shape)
+
+
+def _open_tar(path: Path, dtype: str, n_layers: int, d_model: int) -> ShardArrays:
+    acts_parts, tokens_parts = [], []
+    with tarfile.open(path, "r") as tar, open(path, "rb") as f:
+        for member in tar.getmembers():
+            if member.name.endswith(".acts.npy"):
+                acts_parts.append(_member_array(f, member, mmap=True, path=path))
+            elif member.name.endswith(".tokens.npy"):
+                tokens_parts.append(_member_array(f, member, mmap=False, path=path))
+    for part in acts_parts:
+        if part.shape[1:] != (n_layers, d_model):
+            raise ValueError(f"activations have shape {part.shape}, expected [n, {n_layers}, {d_model}]")
+    tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, 3), np.int64)
+    acts = _ConcatRows(acts_parts, (n_layers, d_model), STORAGE_NUMPY[dtype])
+    return ShardArrays(acts, tokens[:, 0], tokens[:, 1].astype(np.int32), tokens[:, 2].astype(np.int32))  # type: ignore[arg-type]
+
+
+class _ConcatRows:
+    """Row-indexable view over several memory-mapped arrays, without copying them together."""
+
+    def __init__(self, parts: list[np.ndarray], row_shape: tuple[int, int], dtype: np.dtype) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *row_shape)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for p in np.unique(part_of):
+            sel = part_of == p
+            out[sel] = self.parts[p][rows[sel] - self.starts[p]]
+        return out
+
+
+def iter_shard_files(root: Path) -> Iterator[Path]:
+    yield from sorted((Path(root) / SHARD_DIR).glob("shard-*"))

