@@ -93,6 +93,8 @@ def run_command(entry: Callable[[Sequence[str] | None], int | None], argv: Seque
     """Run a command; turn user errors into one line on stderr and a non-zero exit code."""
     try:
         return int(entry(argv) or 0)
+    except SystemExit as exc:  # argparse: --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except MlsaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

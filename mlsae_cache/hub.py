@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import lru_cache
 from urllib.parse import urlparse
 
 
@@ -12,7 +11,6 @@ def hub_offline_by_setting() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-@lru_cache(maxsize=1)
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the hub endpoint accepts a TCP connection within ``timeout_s``.
 

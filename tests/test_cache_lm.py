@@ -6,14 +6,8 @@ import pytest
 import torch
 from models import build_tiny_model
 
-from mlsae_cache.assets import ensure_tokenizer
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.lm import ResidualReader, decoder_blocks, load_model, load_tokenizer, resolve_model_name
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir():
-    return ensure_tokenizer()
 
 
 def final_norm(model):
@@ -26,8 +20,8 @@ def final_norm(model):
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gpt2"])
-def test_block_outputs_match_hidden_states_and_last_is_before_final_norm(arch, tokenizer_dir, tmp_path):
-    model_dir = build_tiny_model(tmp_path / arch, tokenizer_dir, arch=arch, n_layers=4)
+def test_block_outputs_match_hidden_states_and_last_is_before_final_norm(arch, pythia_tokenizer_dir, tmp_path):
+    model_dir = build_tiny_model(tmp_path / arch, pythia_tokenizer_dir, arch=arch, n_layers=4)
     model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     ids = torch.tensor([tokenizer.encode("When John and Mary went to the store, John gave a drink to")])
     acts = ResidualReader(model, [0, 1, 2, 3]).read(ids)  # [1, S, 4, d]
@@ -43,8 +37,8 @@ def test_block_outputs_match_hidden_states_and_last_is_before_final_norm(arch, t
     assert (last - hidden[-1]).abs().max() > 1e-2
 
 
-def test_reading_a_subset_stops_early_and_equals_the_full_read(tokenizer_dir, tmp_path):
-    model_dir = build_tiny_model(tmp_path / "m", tokenizer_dir, n_layers=4)
+def test_reading_a_subset_stops_early_and_equals_the_full_read(pythia_tokenizer_dir, tmp_path):
+    model_dir = build_tiny_model(tmp_path / "m", pythia_tokenizer_dir, n_layers=4)
     model = load_model(str(model_dir))
     ids = torch.randint(1, 50000, (2, 16))
     full = ResidualReader(model, [0, 1, 2, 3]).read(ids)
@@ -64,7 +58,7 @@ def test_pythia_names_resolve_to_eleutherai_ids():
     assert resolve_model_name("pythia-71m") == "pythia-71m"
 
 
-def test_layer_out_of_range_is_refused(tokenizer_dir, tmp_path):
-    model = load_model(str(build_tiny_model(tmp_path / "m", tokenizer_dir, n_layers=2)))
+def test_layer_out_of_range_is_refused(pythia_tokenizer_dir, tmp_path):
+    model = load_model(str(build_tiny_model(tmp_path / "m", pythia_tokenizer_dir, n_layers=2)))
     with pytest.raises(MlsaeError, match="layer 2 is out of range"):
         ResidualReader(model, [0, 2])

