@@ -33,6 +33,9 @@ class Cache:
         # shard_starts[i] = global index of shard i's first token; shard_starts[-1] = n_tokens
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
         self.n_tokens: int = int(self.shard_starts[-1])
+        # shards hold consecutive whole sequences: shard i covers sequences first[i] .. first[i]+count[i]-1
+        self._shard_first_sequence = np.array([s["first_sequence"] for s in manifest["shards"]], dtype=np.int64)
+        self.n_sequences: int = int(sum(s["n_sequences"] for s in manifest["shards"]))
         self._shards: dict[int, sf.ShardArrays] = {}
 
     def __repr__(self) -> str:
@@ -115,6 +118,17 @@ class Cache:
             rows = self._shard(shard).acts[pos - s0 : pos - s0 + take]
             out[pos - start : pos - start + take] = sf.from_storage(rows, self.dtype)
             pos += take
+        return out
+
+    def sequence_tokens(self, sequences) -> np.ndarray:
+        """The full model input (special tokens included) of the given sequence indices: int64 [n, seq_len]."""
+        sequences = np.asarray(sequences, dtype=np.int64).reshape(-1)
+        if len(sequences) and (sequences.min() < 0 or sequences.max() >= self.n_sequences):
+            raise IndexError(f"sequence indices must lie in [0, {self.n_sequences})")
+        out = np.empty((len(sequences), int(self.manifest["seq_len"])), dtype=np.int64)
+        shard_of = np.searchsorted(self._shard_first_sequence, sequences, side="right") - 1
+        for i, (seq, shard) in enumerate(zip(sequences, shard_of)):
+            out[i] = self._shard(int(shard)).input_ids[seq - self._shard_first_sequence[shard]]
         return out
 
     @cached_property

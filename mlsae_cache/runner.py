@@ -27,7 +27,7 @@ from .config import CacheConfig
 from .errors import MlsaeError
 from .lens import Lens, load_lens
 from .lm import ResidualReader, context_length_of, d_model_of, load_model, load_tokenizer, n_layers_of, resolve_model_name
-from .text import iter_texts, iter_token_sequences, special_token_ids
+from .text import iter_dataset_sequences, special_token_ids
 from .writer import CacheWriter, check_or_claim_directory, finalize_cache
 
 
@@ -180,7 +180,7 @@ def _write_shards(config: CacheConfig, identity: dict, tokenizer, model, layers:
     per_shard = identity["shard_sequences"]
     n_sequences_wanted = math.ceil(config.tokens / config.seq_len)
     sequences = itertools.islice(
-        iter_token_sequences(iter_texts(config.dataset, config.split, config.text_column), tokenizer, config.seq_len), n_sequences_wanted
+        iter_dataset_sequences(config.dataset, tokenizer, config.seq_len, split=config.split, text_column=config.text_column), n_sequences_wanted
     )
     device = next(model.parameters()).device
     bar = tqdm(total=n_sequences_wanted * config.seq_len, unit="tok", unit_scale=True, desc=f"cache[{dist.rank}]" if dist.world_size > 1 else "cache", disable=not config.progress)
@@ -209,6 +209,8 @@ def _write_shards(config: CacheConfig, identity: dict, tokenizer, model, layers:
                         (first_sequence + offset + b_idx).cpu().numpy().astype(np.int64),
                         pos.cpu().numpy().astype(np.int32),
                         ids[b_idx, pos].cpu().numpy().astype(np.int32),
+                        np.arange(first_sequence + offset, first_sequence + offset + len(batch), dtype=np.int64),
+                        np.stack(batch).astype(np.int32),
                     )
                 )
                 bar.update(len(batch) * config.seq_len)
@@ -216,8 +218,6 @@ def _write_shards(config: CacheConfig, identity: dict, tokenizer, model, layers:
         writer.close()
     finally:
         bar.close()
-    if n_sequences == 0:
-        raise MlsaeError(f"dataset {config.dataset} yields not one sequence of {config.seq_len} tokens; add text or lower --seq-len")
     if config.progress and dist.rank == 0:
         elapsed = time.perf_counter() - started
         print(f"wrote {n_sequences * config.seq_len:,} tokens in {elapsed:.1f}s to {out}")

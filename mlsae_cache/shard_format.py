@@ -14,7 +14,8 @@ only after the shard itself, so a shard with a sidecar is complete. A cache is f
 ``manifest.json`` exists.
 
 Each stored token has activations ``[n_layers, d_model]`` and an identity (sequence, position,
-token id). Activations are stored uncompressed and contiguous, so readers memory-map them and gather
+token id). Each shard also keeps the full model input of its sequences (special tokens included), so
+that reconstructions can be spliced back into exactly the forward pass that produced them. Activations are stored uncompressed and contiguous, so readers memory-map them and gather
 random tokens without decoding. bfloat16 has no numpy dtype: it is stored as its raw uint16 bits.
 """
 
@@ -42,8 +43,9 @@ SHARD_SUFFIX = {"hdf5": ".h5", "webdataset": ".tar"}
 DTYPES = ("float16", "bfloat16", "float32")
 # numpy dtype each storage dtype is written as
 STORAGE_NUMPY = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
-# bytes of token identity per token: sequence int64 + position int32 + token id int32
-IDENTITY_BYTES = 16
+# bytes of token identity per token: sequence int64 + position int32 + token id int32, plus the
+# model input id (int32) of every position, stored per sequence
+IDENTITY_BYTES = 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,16 +177,19 @@ def merge_layer_stats(sidecars: list[dict], layers: list[int]) -> dict[str, dict
 
 @dataclass
 class ShardContent:
-    """One shard's tokens, in global-index order."""
+    """One shard: its stored tokens in global-index order, and the model input of its sequences."""
 
     acts: np.ndarray  # [n, n_layers, d] in the storage numpy dtype
     sequence: np.ndarray  # [n] int64: index of the sequence in the token stream
     position: np.ndarray  # [n] int32: position within the sequence
     token_id: np.ndarray  # [n] int32
+    input_sequence: np.ndarray  # [n_seq] int64: the consecutive sequence indices this shard covers
+    input_ids: np.ndarray  # [n_seq, seq_len] int32: the model input of those sequences
 
     def __post_init__(self) -> None:
         n = self.acts.shape[0]
         assert self.sequence.shape == (n,) and self.position.shape == (n,) and self.token_id.shape == (n,)
+        assert self.input_ids.shape[0] == self.input_sequence.shape[0]
 
 
 def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> None:
@@ -212,6 +217,8 @@ def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:
         f.create_dataset("sequence", data=c.sequence.astype("<i8"))
         f.create_dataset("position", data=c.position.astype("<i4"))
         f.create_dataset("token_id", data=c.token_id.astype("<i4"))
+        f.create_dataset("input_sequence", data=c.input_sequence.astype("<i8"))
+        f.create_dataset("input_ids", data=c.input_ids.astype("<i4"))
         f.attrs["dtype"] = dtype
         f.attrs["format_version"] = FORMAT_VERSION
 
@@ -225,16 +232,19 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def _write_tar(path: Path, c: ShardContent) -> None:
     """WebDataset layout: one sample per sequence, keyed by the zero-padded sequence index.
 
-    Members: ``<key>.acts.npy`` [n_kept, n_layers, d] and ``<key>.tokens.npy`` [n_kept, 3] int64
-    (sequence, position, token id). Streaming consumers read samples with any WebDataset loader.
+    Members: ``<key>.acts.npy`` [n_kept, n_layers, d], ``<key>.tokens.npy`` [n_kept, 3] int64
+    (sequence, position, token id) and ``<key>.input_ids.npy`` [seq_len] int32 (the model input).
+    Streaming consumers read samples with any WebDataset loader.
     """
-    starts = np.flatnonzero(np.r_[True, c.sequence[1:] != c.sequence[:-1]]) if len(c.sequence) else np.array([], int)
-    ends = np.r_[starts[1:], len(c.sequence)].astype(int)
+    # kept tokens of sequence input_sequence[i] are rows bounds[i]:bounds[i+1]
+    bounds = np.searchsorted(c.sequence, np.r_[c.input_sequence, np.iinfo(np.int64).max])
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for start, end in zip(starts, ends):
-            key = f"{int(c.sequence[start]):09d}"
+        for i, seq in enumerate(c.input_sequence):
+            start, end = bounds[i], bounds[i + 1]
+            key = f"{int(seq):09d}"
             tokens = np.stack([c.sequence[start:end], c.position[start:end], c.token_id[start:end]], axis=1).astype("<i8")
-            for member, array in ((f"{key}.acts.npy", c.acts[start:end]), (f"{key}.tokens.npy", tokens)):
+            members = ((f"{key}.acts.npy", c.acts[start:end]), (f"{key}.tokens.npy", tokens), (f"{key}.input_ids.npy", c.input_ids[i].astype("<i4")))
+            for member, array in members:
                 data = _npy_bytes(array)
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
@@ -254,6 +264,8 @@ class ShardArrays:
     sequence: np.ndarray
     position: np.ndarray
     token_id: np.ndarray
+    input_sequence: np.ndarray  # [n_seq]
+    input_ids: np.ndarray  # [n_seq, seq_len]
 
 
 def open_shard(path: Path, fmt: str, dtype: str, n_layers: int, d_model: int) -> ShardArrays:
@@ -269,7 +281,7 @@ def _open_hdf5(path: Path, dtype: str, n_layers: int, d_model: int) -> ShardArra
         if shape[1:] != (n_layers, d_model):
             raise ValueError(f"activations have shape {shape}, expected [n, {n_layers}, {d_model}]")
         offset = dset.id.get_offset()
-        identity = [np.asarray(f[name][:]) for name in ("sequence", "position", "token_id")]
+        identity = [np.asarray(f[name][:]) for name in ("sequence", "position", "token_id", "input_sequence", "input_ids")]
     if shape[0] == 0:
         acts = np.zeros(shape, STORAGE_NUMPY[dtype])
     else:
@@ -286,25 +298,29 @@ def _member_array(f, member: tarfile.TarInfo, mmap: bool, path: Path) -> np.ndar
     shape, fortran, dt = read_header(f)
     if fortran:
         raise ValueError(f"{member.name} is Fortran-ordered")
-    if mmap:
+    if mmap and int(np.prod(shape)) > 0:
         return np.memmap(path, dtype=dt, mode="r", offset=f.tell(), shape=shape)
     return np.frombuffer(f.read(int(np.prod(shape)) * dt.itemsize), dtype=dt).reshape(shape)
 
 
 def _open_tar(path: Path, dtype: str, n_layers: int, d_model: int) -> ShardArrays:
-    acts_parts, tokens_parts = [], []
+    acts_parts, tokens_parts, input_parts, input_keys = [], [], [], []
     with tarfile.open(path, "r") as tar, open(path, "rb") as f:
         for member in tar.getmembers():
             if member.name.endswith(".acts.npy"):
                 acts_parts.append(_member_array(f, member, mmap=True, path=path))
             elif member.name.endswith(".tokens.npy"):
                 tokens_parts.append(_member_array(f, member, mmap=False, path=path))
+            elif member.name.endswith(".input_ids.npy"):
+                input_parts.append(_member_array(f, member, mmap=False, path=path))
+                input_keys.append(int(member.name.split(".")[0]))
     for part in acts_parts:
         if part.shape[1:] != (n_layers, d_model):
             raise ValueError(f"activations have shape {part.shape}, expected [n, {n_layers}, {d_model}]")
     tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, 3), np.int64)
     acts = _ConcatRows(acts_parts, (n_layers, d_model), STORAGE_NUMPY[dtype])
-    return ShardArrays(acts, tokens[:, 0], tokens[:, 1].astype(np.int32), tokens[:, 2].astype(np.int32))  # type: ignore[arg-type]
+    input_ids = np.stack(input_parts) if input_parts else np.zeros((0, 0), np.int32)
+    return ShardArrays(acts, tokens[:, 0], tokens[:, 1].astype(np.int32), tokens[:, 2].astype(np.int32), np.array(input_keys, np.int64), input_ids)  # type: ignore[arg-type]
 
 
 class _ConcatRows:

@@ -130,8 +130,8 @@ class CacheWriter:
             "index": index,
             "file": path.name,
             "n_tokens": int(content.acts.shape[0]),
-            "n_sequences": int(len(np.unique(content.sequence))),
-            "first_sequence": int(content.sequence[0]) if len(content.sequence) else None,
+            "n_sequences": int(len(content.input_sequence)),
+            "first_sequence": int(content.input_sequence[0]) if len(content.input_sequence) else None,
             "bytes": path.stat().st_size,
             "sha256": sf.file_sha256(path),
             "stats": stats,
@@ -229,7 +229,11 @@ def write_array_cache(
         for index, start in enumerate(range(0, n, shard_tokens)):
             stop = min(start + shard_tokens, n)
             token = np.arange(start, stop, dtype=np.int64)
-            content = sf.ShardContent(sf.to_storage(acts[start:stop], dtype), token // seq_len, (token % seq_len).astype(np.int32), token_ids[start:stop])
+            input_sequence = np.arange(start // seq_len, -(-stop // seq_len), dtype=np.int64)
+            input_ids = np.zeros((len(input_sequence), seq_len), np.int32)  # the last sequence may be partial
+            input_ids.reshape(-1)[: stop - start] = token_ids[start:stop]
+            content = sf.ShardContent(sf.to_storage(acts[start:stop], dtype), token // seq_len, (token % seq_len).astype(np.int32),
+                                      token_ids[start:stop], input_sequence, input_ids)  # fmt: skip
             writer.submit(index, content)
             n_shards += 1
     finally:

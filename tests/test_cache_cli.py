@@ -219,3 +219,13 @@ def test_disk_full_keeps_finished_shards_and_resumes(model_dir, text_dir, tmp_pa
     a, b = open_cache(out), open_cache(reference)
     np.testing.assert_array_equal(a.read(np.arange(a.n_tokens)), b.read(np.arange(b.n_tokens)))
     assert json.loads((out / sf.MANIFEST).read_text()) == json.loads((reference / sf.MANIFEST).read_text())
+
+
+@pytest.mark.parametrize("fmt", sf.FORMATS)
+def test_sequence_tokens_include_special_positions(fmt, model_dir, text_dir, pythia_tokenizer_dir, tmp_path):
+    out = tmp_path / "cache"
+    assert run_cache(model_dir, text_dir, out, "--format", fmt) == 0
+    cache = open_cache(out)
+    sequences = brute_force_tokens(load_tokenizer(str(model_dir)), text_dir)[:6]
+    np.testing.assert_array_equal(cache.sequence_tokens(np.arange(6)), sequences)
+    assert cache.n_sequences == 6

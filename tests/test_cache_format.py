@@ -120,3 +120,13 @@ def test_bfloat16_storage_rounds_like_torch():
     x = np.random.default_rng(6).normal(size=10000).astype(np.float32) * 100
     x[:4] = [1.00390625, 1.01171875, -3.0e-39, 65504.0]  # ties to even, a subnormal, a large value
     np.testing.assert_array_equal(sf.from_storage(sf.to_storage(x, "bfloat16"), "bfloat16"), reference_cast(x, "bfloat16"))
+
+
+@pytest.mark.parametrize("fmt", sf.FORMATS)
+def test_sequence_tokens_are_the_model_input(fmt, tmp_path):
+    token_ids = np.arange(1000, 1000 + 250)
+    acts = np.zeros((250, 1, 4), np.float32)
+    write_array_cache(tmp_path, acts, token_ids=token_ids, format=fmt, shard_tokens=100, seq_len=50)
+    cache = open_cache(tmp_path)
+    assert cache.n_sequences == 5 and len(cache.manifest["shards"]) == 3
+    np.testing.assert_array_equal(cache.sequence_tokens([4, 0, 2]), token_ids.reshape(5, 50)[[4, 0, 2]])
