@@ -273,18 +273,24 @@ def distribution_moments(layer_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return mean, var
 
 
+def resolve_n_layers(present_layers: int, n_layers: int | None) -> int:
+    """The length of the layer axis: ``n_layers`` if given (checked to cover the data), else what the data holds."""
+    if n_layers is None:
+        return present_layers
+    if present_layers > n_layers:
+        raise MlsaeError(
+            f"latents hold layer index {present_layers - 1} but n_layers is {n_layers}; "
+            "pass the number of layers in the layer axis"
+        )
+    return n_layers
+
+
 def _finish(sums: _LatentSums, n_layers: int | None) -> LayerStatistics:
     active = np.flatnonzero(sums.n_tokens > 0)
     if active.size == 0:
         raise MlsaeError("no latent is active (activation > 0) in the given latents; check the latents file")
     present_layers = sums.layer_mass.shape[1]
-    if n_layers is None:
-        n_layers = present_layers
-    elif present_layers > n_layers:
-        raise MlsaeError(
-            f"latents hold layer index {present_layers - 1} but n_layers is {n_layers}; "
-            "pass the number of layers in the layer axis"
-        )
+    n_layers = resolve_n_layers(present_layers, n_layers)
     mass = np.zeros((active.size, n_layers))  # [J, nL]
     mass[:, :present_layers] = sums.layer_mass[active]
     n_tokens = sums.n_tokens[active]

@@ -17,7 +17,7 @@ import polars as pl
 
 from mlsae_cache.errors import MlsaeError
 
-from .layer_distributions import Latents, checked_latents, wide_layer_table
+from .layer_distributions import Latents, checked_latents, resolve_n_layers, wide_layer_table
 
 PAPER_MIN_ACTIVATION = 1e-3
 
@@ -41,14 +41,7 @@ def single_prompt_layer_table(
         raise MlsaeError("the prompt has no active latent (activation > 0); check the prompt's latents")
     if rows["latent"].min() < 0 or rows["layer"].min() < 0:  # type: ignore[operator]
         raise MlsaeError("latents hold a negative latent or layer index; indices must be >= 0")
-    present_layers = int(rows["layer"].max()) + 1  # type: ignore[arg-type]
-    if n_layers is None:
-        n_layers = present_layers
-    elif present_layers > n_layers:
-        raise MlsaeError(
-            f"latents hold layer index {present_layers - 1} but n_layers is {n_layers}; "
-            "pass the number of layers in the layer axis"
-        )
+    n_layers = resolve_n_layers(int(rows["layer"].max()) + 1, n_layers)  # type: ignore[arg-type]
 
     per_latent = (
         rows.group_by("latent")
