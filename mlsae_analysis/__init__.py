@@ -1,0 +1,6 @@
+"""Stage 3: analyse trained MLSAEs (metrics, MMCS, residual statistics, distributions over layers)."""
+
+from .layer_distributions import latent_layer_table, layer_distributions, layer_statistics, variance_ratios
+from .mmcs import mmcs
+
+__all__ = ["latent_layer_table", "layer_distributions", "layer_statistics", "mmcs", "variance_ratios"]

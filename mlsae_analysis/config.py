@@ -1,0 +1,75 @@
+"""The options of ``mlsae-analyse``. Each field's docstring is its ``--help``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlsae_cache.errors import MlsaeError
+
+DEFAULT_PROMPT = "When John and Mary went to the store, John gave"
+
+
+@dataclass
+class AnalyseConfig:
+    run: str
+    """Run directory written by mlsae-train (or its sae.safetensors)."""
+
+    shards: str
+    """Held-out cache directory written by mlsae-cache for the same model, layers and width (and lens)."""
+
+    out: str
+    """Output directory; it must not exist yet (it is written in a temporary sibling and renamed at the end)."""
+
+    model: str | None = None
+    """Language model (hub id or local directory) for delta CE, KL and the single-prompt heatmap (default: the cache's)."""
+
+    prompt: str = DEFAULT_PROMPT
+    """Prompt of the single-prompt heatmap (paper fig. 3)."""
+
+    max_tokens: int | None = None
+    """Analyse only the first N tokens of the cache (default: all)."""
+
+    downstream_sequences: int | None = None
+    """Splice at most this many sequences for delta CE and KL (default: every sequence of the analysed tokens)."""
+
+    downstream: bool = True
+    """Load the language model for delta CE, KL and the single-prompt heatmap (--no-downstream skips them)."""
+
+    batch_tokens: int = 4096
+    """Tokens encoded per batch."""
+
+    lm_batch_size: int = 4
+    """Sequences per language-model forward pass when splicing."""
+
+    n_examples: int = 10
+    """Top activating (token, layer) examples kept per latent in examples.parquet."""
+
+    context_tokens: int = 4
+    """Tokens of context on each side of an example."""
+
+    mmcs_chunk: int = 4096
+    """Decoder rows per block when computing MMCS (memory: chunk x n_latents floats)."""
+
+    device: str = "cpu"
+    """Device for the SAE and the language model (cpu or cuda)."""
+
+    progress: bool = True
+    """Show progress bars."""
+
+    def check(self) -> None:
+        """Reject settings that cannot work, before anything is read or written."""
+        positive = {
+            "--batch-tokens": self.batch_tokens,
+            "--lm-batch-size": self.lm_batch_size,
+            "--n-examples": self.n_examples,
+            "--mmcs-chunk": self.mmcs_chunk,
+        }
+        if self.max_tokens is not None:
+            positive["--max-tokens"] = self.max_tokens
+        if self.downstream_sequences is not None:
+            positive["--downstream-sequences"] = self.downstream_sequences
+        for flag, value in positive.items():
+            if not value > 0:
+                raise MlsaeError(f"{flag} must be positive, got {value}")
+        if self.context_tokens < 0:
+            raise MlsaeError(f"--context-tokens must be >= 0, got {self.context_tokens}")

@@ -1,0 +1,88 @@
+"""One pass over the test cache: encode every token with the SAE and write its sparse latents.
+
+The latents go to ``latents/part-NNNNN.parquet`` (columns token, layer, latent, activation; only
+active rows, in ascending token order, then layer) with ``latents/tokens.parquet`` beside them
+(token, sequence, position, token_id). Each batch's inputs and reconstructions are also handed to
+the consumers (reconstruction metrics, residual statistics), so the cache is read once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from .files import write_parquet
+from .inputs import RunAndCache
+
+LATENTS_DIR = "latents"
+TOKENS_FILE = "tokens.parquet"
+PART_GLOB = "part-*.parquet"
+
+
+class BatchConsumer(Protocol):
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None: ...
+
+
+def sparse_rows(token_start: int, values: torch.Tensor, indices: torch.Tensor) -> pl.DataFrame:
+    """The active latents of a batch as rows. values, indices: [B, nL, k] for tokens token_start.."""
+    batch, n_layers, k = values.shape
+    values_np = values.reshape(-1).cpu().numpy()  # [B * nL * k]
+    keep = values_np > 0
+    token = np.repeat(np.arange(token_start, token_start + batch, dtype=np.int64), n_layers * k)
+    layer = np.tile(np.repeat(np.arange(n_layers, dtype=np.int16), k), batch)
+    return pl.DataFrame(
+        {
+            "token": token[keep],
+            "layer": layer[keep],
+            "latent": indices.reshape(-1).cpu().numpy().astype(np.int32)[keep],
+            "activation": values_np.astype(np.float32)[keep],
+        }
+    )
+
+
+@torch.no_grad()
+def encode_cache(
+    data: RunAndCache,
+    out: Path,
+    n_tokens: int,
+    consumers: list,
+    batch_tokens: int = 4096,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Encode the first ``n_tokens`` tokens of the cache; returns the latents directory."""
+    latents_dir = Path(out) / LATENTS_DIR
+    latents_dir.mkdir(parents=True, exist_ok=True)
+    sae = data.sae.to(device)
+    columns = data.layer_columns
+    all_columns = columns == list(range(data.cache.n_layers))
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="encode", disable=not progress)
+    for part, start in enumerate(range(0, n_tokens, batch_tokens)):
+        stop = min(start + batch_tokens, n_tokens)
+        acts = data.cache.read_range(start, stop)  # [B, nC, d] all cached layers
+        if not all_columns:
+            acts = acts[:, columns]  # [B, nL, d] the SAE's layers
+        x = torch.from_numpy(np.ascontiguousarray(acts)).to(device)  # [B, nL, d]
+        recon = sae.reconstruct(x)
+        shape = x.shape[:2]
+        x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
+        values = recon.values.view(*shape, -1)  # [B, nL, k]
+        indices = recon.indices.view(*shape, -1)  # [B, nL, k]
+        for consumer in consumers:
+            consumer.update(x, x_hat, values, indices)
+        write_parquet(sparse_rows(start, values, indices), latents_dir / f"part-{part:05d}.parquet")
+        bar.update(stop - start)
+    bar.close()
+    tokens = data.cache.token_table().head(n_tokens).with_row_index("token").with_columns(pl.col("token").cast(pl.Int64))
+    write_parquet(tokens, latents_dir / TOKENS_FILE)
+    return latents_dir
+
+
+def scan_latents(latents_dir: Path) -> pl.LazyFrame:
+    """The stored sparse latents, lazily, in token order (parts are named in token order)."""
+    return pl.scan_parquet(str(Path(latents_dir) / PART_GLOB))

@@ -1,0 +1,33 @@
+"""``mlsae-train``: train a multi-layer SAE on cached activations (run under torchrun for several GPUs)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
+
+from .config import TrainConfig
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    parser = OneLineErrorParser(
+        prog="mlsae-train",
+        description="Train a multi-layer TopK sparse autoencoder on activation caches written by mlsae-cache. "
+        "Writes RUN/sae.safetensors (load it with mlsae_train.load_sae), checkpoints and metrics.jsonl. "
+        "For several GPUs: torchrun --nproc-per-node N -m mlsae_train.cli ...",
+    )
+    add_dataclass_arguments(parser, TrainConfig, short={"k": "-k"})
+    config = config_from_args(TrainConfig, parser.parse_args(argv))
+    from .trainer import train  # torch is imported only once the arguments parse
+
+    train(config)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The options of ``mlsae-train``. Each field's docstring is its ``--help``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from mlsae_cache.errors import MlsaeError
+
+
+@dataclass
+class TrainConfig:
+    shards: list[str]
+    """Cache directories written by mlsae-cache; several are read as one dataset (same model, width and layers)."""
+
+    out: str
+    """Run directory: config.json, checkpoint.safetensors, sae.safetensors and metrics.jsonl go here."""
+
+    expansion_factor: int = 64
+    """R: the SAE has R * d_model latents."""
+
+    k: int = 32
+    """Active latents per vector (TopK)."""
+
+    batch_tokens: int = 131072
+    """Tokens per optimizer step (all selected layers of each), over all processes; the paper uses 131072."""
+
+    micro_batch_tokens: int | None = None
+    """Tokens per forward/backward pass on each process (default: its whole share of the batch); lower it if a
+    step does not fit in memory: the step is the same, up to float rounding."""
+
+    lr: float = 1e-4
+    """Adam learning rate (constant)."""
+
+    max_tokens: int | None = None
+    """Stop after this many training tokens (default: --epochs passes over the cache)."""
+
+    epochs: int = 1
+    """Passes over the cache, each in a fresh random order."""
+
+    layers: list[int] | None = None
+    """Model block indices to train on, a subset of the cache's (default: all); one layer trains the single-layer baseline."""
+
+    seed: int = 0
+    """Seeds the initialization and the order of the data."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks cuda when available. CUDA uses bfloat16 matmuls, CPU float32."""
+
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (same settings required)."""
+
+    dead_tokens: int = 10_000_000
+    """A latent is dead (and trained by AuxK) after this many training tokens without activating."""
+
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    save_every_tokens: int = 20_000_000
+    """Write a checkpoint after every this many training tokens (and at the end)."""
+
+    verify: bool = True
+    """Check every shard's sha256 before training (--no-verify skips this pass over the whole cache)."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    tensorboard: bool = False
+    """Also log metrics to TensorBoard in the run directory (needs the tensorboard package)."""
+
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs the wandb package and a login or WANDB_MODE=offline)."""
+
+    def check(self) -> None:
+        """Reject settings that cannot work, before anything is read or written."""
+        if not self.shards:
+            raise MlsaeError("no --shards given; name at least one cache directory written by mlsae-cache")
+        positive = {
+            "--expansion-factor": self.expansion_factor,
+            "-k": self.k,
+            "--batch-tokens": self.batch_tokens,
+            "--lr": self.lr,
+            "--epochs": self.epochs,
+            "--dead-tokens": self.dead_tokens,
+            "--save-every-tokens": self.save_every_tokens,
+        }
+        if self.max_tokens is not None:
+            positive["--max-tokens"] = self.max_tokens
+        if self.micro_batch_tokens is not None:
+            positive["--micro-batch-tokens"] = self.micro_batch_tokens
+        for flag, value in positive.items():
+            if not value > 0:
+                raise MlsaeError(f"{flag} must be positive, got {value}")
+        if self.auxk_alpha < 0:
+            raise MlsaeError(f"--auxk-alpha must be >= 0, got {self.auxk_alpha}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise MlsaeError(f"--layers {' '.join(map(str, self.layers))} names a layer twice; name each once")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Settings that change how a run is watched or where it runs, not what it computes: --resume may change them.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "device", "micro_batch_tokens", "verify", "progress", "tensorboard", "wandb", "save_every_tokens", "shards", "out"}
+)

@@ -1,0 +1,212 @@
+"""Training batches: random tokens from all caches at once, read ahead on a background thread.
+
+- :class:`ActivationDataset` joins one or more caches into one global token index and picks layers.
+- :class:`BatchOrder` says which tokens make up each step's batch: one seeded permutation of all
+  tokens per epoch, cut into consecutive batches. It is a pure function of (seed, step), so a resumed
+  run needs only the step number to continue the same stream.
+- :class:`Prefetcher` reads the next batches while the current one trains.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mlsae_cache import open_cache
+from mlsae_cache.errors import MlsaeError
+
+
+class ActivationDataset:
+    """Several caches of the same model, width and layers, read as one: global index = cache order, then token order."""
+
+    def __init__(self, paths: Sequence[str | Path], layers: Sequence[int] | None = None) -> None:
+        if not paths:
+            raise MlsaeError("no --shards given; name at least one cache directory written by mlsae-cache")
+        resolved = [Path(p).resolve() for p in paths]
+        if len(set(resolved)) != len(resolved):
+            raise MlsaeError("a cache is named twice in --shards; name each cache once")
+        self.caches = [open_cache(p) for p in paths]
+        first = self.caches[0]
+        for cache in self.caches[1:]:
+            for what, mine, theirs in (
+                ("model", cache.manifest.get("model"), first.manifest.get("model")),
+                ("d_model", cache.d_model, first.d_model),
+                ("layers", cache.layers, first.layers),
+                ("lens", cache.manifest.get("lens"), first.manifest.get("lens")),
+            ):
+                if mine != theirs:
+                    raise MlsaeError(
+                        f"{cache.root} holds {what} {mine!r} but {first.root} holds {theirs!r}; "
+                        "train on caches of one model, width, layer set and lens"
+                    )
+        self.d_model = first.d_model
+        self.cache_layers = list(first.layers)
+        if layers is None:
+            self.layers = list(self.cache_layers)
+            self._layer_positions = None  # all layers: no selection copy
+        else:
+            missing = [layer for layer in layers if layer not in self.cache_layers]
+            if missing:
+                raise MlsaeError(
+                    f"--layers {' '.join(map(str, missing))}: the cache holds layers {self.cache_layers}; pick among those"
+                )
+            self.layers = list(layers)
+            self._layer_positions = np.array([self.cache_layers.index(layer) for layer in layers])
+        counts = np.array([cache.n_tokens for cache in self.caches], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # [n_caches + 1]: global index of each cache's first token
+        self.n_tokens = int(self._starts[-1])
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def identity(self) -> list[dict]:
+        """What a resumed run must find again: each cache's model, token count, layers and width."""
+        return [
+            {"model": c.manifest.get("model"), "n_tokens": c.n_tokens, "layers": c.layers, "d_model": c.d_model,
+             "lens": c.manifest.get("lens")}
+            for c in self.caches
+        ]  # fmt: skip
+
+    def damaged_shards(self) -> list[str]:
+        """``cache/shard`` names whose checksum or size no longer matches the manifest (a full read)."""
+        return [f"{cache.root}/shards/{name}" for cache in self.caches for name in cache.verify()]
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Activations of the global tokens ``indices`` (1-D int64): float32 [len, n_layers, d_model]."""
+        cache_of = np.searchsorted(self._starts, indices, side="right") - 1
+        if len(self.caches) == 1:
+            out = self.caches[0].read(indices)
+        else:
+            out = np.empty((len(indices), len(self.cache_layers), self.d_model), dtype=np.float32)
+            for i, cache in enumerate(self.caches):
+                mask = cache_of == i
+                if mask.any():
+                    out[mask] = cache.read(indices[mask] - self._starts[i])
+        if self._layer_positions is not None:
+            out = np.ascontiguousarray(out[:, self._layer_positions])
+        return out
+
+    def describe_token(self, index: int) -> str:
+        """Where global token ``index`` is stored, for error messages."""
+        cache_index = int(np.searchsorted(self._starts, index, side="right") - 1)
+        cache = self.caches[cache_index]
+        shard, row = cache.locate(int(index - self._starts[cache_index]))
+        return f"token {index} (shard {shard}, row {row} of cache {cache.root})"
+
+    def check_finite(self, batch: np.ndarray, indices: np.ndarray) -> None:
+        """Raise an MlsaeError naming the first token of ``batch`` with a NaN or infinite activation."""
+        finite = np.isfinite(batch)
+        if finite.all():
+            return
+        row, layer = np.argwhere(~finite.all(axis=2))[0]
+        raise MlsaeError(
+            f"the activations of {self.describe_token(int(indices[row]))} at layer {self.layers[layer]} are NaN or "
+            "infinite; rebuild that cache (or drop it from --shards)"
+        )
+
+
+class BatchOrder:
+    """Step ``s`` trains on tokens ``s*B .. (s+1)*B - 1`` of the stream made by concatenating, for each
+    epoch e, a permutation of all tokens drawn from ``numpy.random.default_rng([seed, e])``."""
+
+    def __init__(self, n_tokens: int, batch_tokens: int, seed: int) -> None:
+        self.n_tokens = n_tokens
+        self.batch_tokens = batch_tokens
+        self.seed = seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # a batch spans at most two epochs
+                self._permutations.pop(min(self._permutations))
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_tokens)
+        return self._permutations[epoch]
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """The global token indices of step ``step``'s batch, sorted (reading in file order is faster)."""
+        start, stop = step * self.batch_tokens, (step + 1) * self.batch_tokens
+        parts = []
+        for epoch in range(start // self.n_tokens, (stop - 1) // self.n_tokens + 1):
+            base = epoch * self.n_tokens
+            parts.append(self._permutation(epoch)[max(start, base) - base : min(stop, base + self.n_tokens) - base])
+        return np.sort(np.concatenate(parts))
+
+    def local_batch(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """This process's contiguous share of the sorted global batch."""
+        share = self.batch_tokens // world_size
+        return self.global_batch(step)[rank * share : (rank + 1) * share]
+
+
+class Prefetcher:
+    """Reads the batches of ``steps`` on a background thread, ``depth`` batches ahead of training.
+
+    Iterating yields ``(step, x)`` with x a float32 tensor [b, n_layers, d_model]; an error in the
+    reader (a damaged shard, NaN activations) is raised in the training thread at the step it belongs to.
+    """
+
+    def __init__(
+        self,
+        dataset: ActivationDataset,
+        order: BatchOrder,
+        steps: range,
+        rank: int = 0,
+        world_size: int = 1,
+        depth: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.steps = steps
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="mlsae-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for step in self.steps:
+                indices = self.order.local_batch(step, self.rank, self.world_size)
+                batch = self.dataset.read(indices)
+                self.dataset.check_finite(batch, indices)
+                x = torch.from_numpy(batch)
+                if self.pin_memory:
+                    x = x.pin_memory()
+                if not self._put((step, x)):
+                    return
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self._put((None, exc))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for _ in self.steps:
+            step, x = self._queue.get()
+            if step is None:
+                raise x
+            yield step, x
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,79 @@
+"""Three sparse primitives that the encoder and decoder are built from.
+
+A batch of sparse codes is a pair ``indices [R, K]`` (which latents) and ``weights [R, K]`` (how much of
+each), K << n. Multiplying such a code matrix by a dense ``[n, d]`` table (or its transpose by a dense
+``[R, d]`` matrix) costs R*K*d instead of R*n*d. Every function here computes exactly what the dense
+product computes, only skipping the zeros; tests/test_train_sparse.py checks each against it.
+
+No function materializes the ``[R, K, d]`` gathered rows: at the paper's sizes that tensor is gigabytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_row_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_j weights[r, j] * table[indices[r, j]]``: the dense ``codes @ table``.
+
+    indices, weights: [R, K]; table: [n, d] -> [R, d]. embedding_bag fuses the gather with the sum.
+    """
+    return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+
+
+def row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``out[r, j] = table[indices[r, j]] . vectors[r]``: the entries of ``vectors @ table.T`` at the code's support.
+
+    indices: [R, K]; table: [n, d]; vectors: [R, d] -> [R, K]. On CPU this is a sampled dense-dense
+    matmul over a CSR pattern (one row per vector, K columns); elsewhere, a gather and a batched dot in
+    chunks that bound the [chunk, K, d] temporary.
+    """
+    n_rows, k = indices.shape
+    if indices.device.type == "cpu" and table.dtype == vectors.dtype and n_rows > 0:
+        crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we only use a stable core of it
+            pattern = torch.sparse_csr_tensor(
+                crow, indices.reshape(-1), vectors.new_zeros(n_rows * k), size=(n_rows, table.shape[0])
+            )
+            dots = torch.sparse.sampled_addmm(pattern, vectors, table.t(), beta=0.0)
+        return dots.values().view(n_rows, k)
+    return row_dots_gathered(indices, table, vectors)
+
+
+def row_dots_gathered(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """:func:`row_dots` as a gather and a batched dot, in chunks of at most 16M gathered elements."""
+    n_rows, k = indices.shape
+    out = vectors.new_empty(n_rows, k)
+    chunk = max(1, (1 << 24) // max(1, k * table.shape[1]))
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        gathered = table[indices[start:stop]].to(vectors.dtype)  # [chunk, K, d]
+        out[start:stop] = torch.bmm(gathered, vectors[start:stop, :, None]).squeeze(-1)
+    return out
+
+
+def scatter_weighted_rows(indices: torch.Tensor, weights: torch.Tensor, vectors: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[i] = sum over (r, j) with indices[r, j] == i of weights[r, j] * vectors[r]``: the dense ``codes.T @ vectors``.
+
+    indices, weights: [R, K]; vectors: [R, d] -> [n, d]. The code entries are sorted by latent once, then
+    each latent's rows are summed in one embedding_bag pass (a latent used by no row gets zeros).
+    The sort is stable, so the summation order, and hence the result, is deterministic.
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    _, order = torch.sort(flat, stable=True)  # entries grouped by latent, in row order within a latent
+    counts = torch.bincount(flat, minlength=n)  # [n]
+    offsets = torch.cumsum(counts, 0) - counts  # [n]: where each latent's bag starts in `order`
+    source_rows = torch.div(order, k, rounding_mode="floor")  # [R*K]: the vector each entry scales
+    return F.embedding_bag(
+        source_rows, vectors, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[order].to(vectors.dtype)
+    )
+
+
+def latent_sums(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[i] = sum of weights[r, j] over the entries with indices[r, j] == i``: the column sums of the codes. -> [n]"""
+    return torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, indices.reshape(-1), weights.reshape(-1))

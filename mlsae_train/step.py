@@ -1,0 +1,140 @@
+"""One optimizer step of SPEC section 3, on this process's share x [b, L, d] of a global batch:
+
+  1. dead latents = not active in the last ``dead_tokens`` tokens (counted before this batch)
+  2. per micro-batch: standardize, top-k encode (+ top-k_aux among the dead), sparse decode,
+     unstandardize; backpropagate this micro-batch's share of the loss
+  3. loss = mean over layers of FVU_l + alpha * AuxK, both normalized over the GLOBAL batch
+  4. sum gradients over processes; remove each decoder row's parallel gradient component
+  5. Adam step; renormalize decoder rows; mark the latents active in this batch
+
+The FVU denominators depend on the data only, so they are computed from x before any backward pass.
+AuxK's denominator depends on the residuals of every micro-batch, so AuxK's gradient is accumulated
+unnormalized beside the FVU gradient and scaled once all micro-batches are seen. Any micro-batch
+size therefore gives the same step (up to float rounding) as the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .dead_latents import DeadLatentTracker
+from .distributed import Distributed
+from .loss import ResidualMoments, SumFn, fvu_per_layer, total_variance_per_layer
+from .model import MultiLayerSAE
+from .sparse_decode import sparse_decode
+
+ADAM_EPS = 6.25e-10
+
+
+def make_optimizer(model: MultiLayerSAE, lr: float) -> torch.optim.Optimizer:
+    """Adam, default betas, eps 6.25e-10; the fused kernel (one pass over each matrix) where torch has it."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, eps=ADAM_EPS, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr, eps=ADAM_EPS)
+
+
+class StepTerms(NamedTuple):
+    fvu_per_layer: torch.Tensor
+    """[L] each layer's FVU over the global batch (before the step)."""
+    auxk: float
+    """AuxK over the global batch; exactly 0.0 when no latent is dead."""
+    active: torch.Tensor
+    """[n] bool, the latents active (after ReLU, among the top k) in this process's tokens."""
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def accumulate_gradients(
+    model: MultiLayerSAE,
+    x: torch.Tensor,
+    dead_latents: torch.Tensor | None,
+    auxk_alpha: float,
+    sum_: SumFn = _identity,
+    matmul_dtype: torch.dtype | None = None,
+    micro_batch_tokens: int | None = None,
+) -> StepTerms:
+    """Set each parameter's ``.grad`` to this process's share of the gradient of
+    ``mean_l FVU_l + alpha * AuxK`` over the global batch, going through x [b, L, d] in micro-batches.
+
+    ``sum_`` sums a tensor over processes (in place); summed over processes, the gradients are the
+    one-process gradient of the whole global batch.
+    """
+    b, n_layers, d = x.shape
+    params = (model.W_enc, model.W_dec, model.b_pre)
+    for param in params:
+        param.grad = None
+    total_variance = total_variance_per_layer(x, sum_)  # [L], data only
+    fvu_layers = x.new_zeros(n_layers)
+    active = torch.zeros(model.n_latents, dtype=torch.bool, device=x.device)
+    aux_grads: list[torch.Tensor | None] | None = None
+    aux_squared = torch.zeros((), dtype=torch.float64, device=x.device)
+    moments = ResidualMoments(d, x.device)
+    for part in x.split(micro_batch_tokens or b):
+        out = model.reconstruct(part, dead_latents=dead_latents, matmul_dtype=matmul_dtype)
+        part_fvu = fvu_per_layer(part, out.x_hat.view(part.shape), total_variance)  # [L]
+        if out.aux_indices.shape[1] > 0:  # some latents are dead: AuxK explains the residual with them
+            error = (out.z - out.z_hat).detach()  # [N, d], standardized space: the target carries no gradient
+            error_hat = sparse_decode(out.aux_values, out.aux_indices, model.W_dec)  # [N, d], no bias
+            squared = (error - error_hat).pow(2).sum()
+            grads = torch.autograd.grad(squared, params, retain_graph=True, allow_unused=True)
+            aux_grads = list(grads) if aux_grads is None else [_add(a, g) for a, g in zip(aux_grads, grads)]
+            aux_squared += squared.detach()
+            moments.add(error)
+        part_fvu.mean().backward()
+        fvu_layers += part_fvu.detach()
+        active |= DeadLatentTracker.active_mask(out.values, out.indices, model.n_latents)
+    auxk = 0.0
+    if aux_grads is not None:
+        variance = moments.total_variance(sum_)
+        if variance > 0:  # a batch whose residuals are all equal leaves nothing to explain
+            for param, grad in zip(params, aux_grads):
+                if grad is not None:
+                    param.grad.add_(grad, alpha=auxk_alpha / variance.item())
+            auxk = (sum_(aux_squared) / variance).item()
+    return StepTerms(sum_(fvu_layers), auxk, active)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a.add_(b)
+
+
+def train_step(
+    model: MultiLayerSAE,
+    optimizer: torch.optim.Optimizer,
+    tracker: DeadLatentTracker,
+    x: torch.Tensor,
+    global_batch_tokens: int,
+    auxk_alpha: float,
+    dist: Distributed | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    micro_batch_tokens: int | None = None,
+) -> dict[str, Any]:
+    """One optimizer step on x [b, L, d] (this process's share of the global batch). Returns its metrics."""
+    sum_ = dist.all_reduce_sum_ if dist is not None else _identity
+    dead = tracker.dead_latents() if auxk_alpha > 0 else None  # [n_dead], counted before this batch
+    terms = accumulate_gradients(model, x, dead, auxk_alpha, sum_, matmul_dtype, micro_batch_tokens)
+    for param in model.parameters():
+        sum_(param.grad)
+    model.remove_parallel_decoder_grad_()
+    optimizer.step()
+    model.normalize_decoder_()
+
+    active = terms.active.to(torch.int32)
+    if dist is not None:
+        dist.all_reduce_max_(active)
+    tracker.update(active.bool(), global_batch_tokens)
+
+    fvus = terms.fvu_per_layer.float().tolist()
+    n_dead = 0 if dead is None else dead.numel()
+    metrics = {"loss": float(np.mean(fvus)) + auxk_alpha * terms.auxk, "fvu": float(np.mean(fvus))}
+    metrics.update({f"fvu_layer_{layer}": value for layer, value in zip(model.layers, fvus)})
+    metrics.update({"auxk": terms.auxk, "dead_fraction": n_dead / model.n_latents})
+    return metrics

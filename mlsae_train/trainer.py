@@ -1,0 +1,227 @@
+"""The training run: set up (checking everything before touching the run directory), then loop
+over steps (see step.py), logging every step and checkpointing every ``save_every_tokens``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mlsae_cache.errors import MlsaeError
+
+from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, atomic_write_text, load_checkpoint, save_checkpoint, save_sae
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .data import ActivationDataset, BatchOrder, Prefetcher
+from .dead_latents import DeadLatentTracker
+from .distributed import Distributed
+from .geometric_median import geometric_median
+from .metrics_log import MetricsLog, check_loggers_available
+from .model import MultiLayerSAE, standardize
+from .step import make_optimizer, train_step
+
+
+def _run_info(config: TrainConfig, dataset: ActivationDataset, model: MultiLayerSAE, total_steps: int) -> dict:
+    return {
+        "config": json.loads(json.dumps(config.to_dict())),
+        "sae": model.config(),
+        "k_aux": model.k_aux,
+        "data": dataset.identity(),
+        "total_steps": total_steps,
+        "total_tokens": total_steps * config.batch_tokens,
+    }
+
+
+def _check_run_dir(run: Path, config: TrainConfig, info: dict) -> Path | None:
+    """Refuse to overwrite a run, or to resume one with other settings. Returns the checkpoint to resume from."""
+    if run.exists() and not run.is_dir():
+        raise MlsaeError(f"--out {run} is a file; give a directory for the run")
+    saved_config_file = run / CONFIG_FILE
+    if not config.resume:
+        if saved_config_file.exists() or (run / CHECKPOINT_FILE).exists():
+            raise MlsaeError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+        return None
+    if not saved_config_file.exists():
+        raise MlsaeError(f"--resume: {run} holds no run to resume; drop --resume to start one there")
+    try:
+        saved = json.loads(saved_config_file.read_text())
+    except ValueError:
+        raise MlsaeError(f"--resume: {saved_config_file} is not valid JSON; choose another --out to start afresh") from None
+    for name, value in info["config"].items():
+        if name in RESUMABLE_CHANGES:
+            continue
+        before = saved.get("config", {}).get(name)
+        if before != value:
+            flag = "-k" if name == "k" else "--" + name.replace("_", "-")
+            raise MlsaeError(
+                f"--resume: {flag} is {value!r} here but the run in {run} was started with {before!r}; "
+                "rerun with the run's settings or choose another --out"
+            )
+    if saved.get("data") != info["data"]:
+        raise MlsaeError(
+            f"--resume: the caches in --shards are not the ones the run in {run} was trained on "
+            "(model, token counts, layers or width differ); pass the same caches"
+        )
+    checkpoint = run / CHECKPOINT_FILE
+    return checkpoint if checkpoint.exists() else None
+
+
+def _count_steps(config: TrainConfig, n_tokens: int) -> int:
+    total_tokens = config.epochs * n_tokens
+    if config.max_tokens is not None:
+        total_tokens = min(total_tokens, config.max_tokens)
+    steps = total_tokens // config.batch_tokens
+    if steps == 0:
+        raise MlsaeError(
+            f"--batch-tokens {config.batch_tokens} is more than the {total_tokens} tokens to train on; "
+            "lower --batch-tokens, or raise --epochs or --max-tokens"
+        )
+    return steps
+
+
+def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
+    """Train the SAE described by ``config``; returns the run directory.
+
+    ``stop_after_steps`` stops this process after that many steps WITHOUT a final checkpoint, as a
+    kill would (tests use it to check that --resume reproduces an uninterrupted run).
+    """
+    config.check()
+    check_loggers_available(config.tensorboard, config.wandb)
+    dist = Distributed.from_env(config.device)
+    dataset = ActivationDataset(config.shards, config.layers)
+    n_latents = config.expansion_factor * dataset.d_model
+    if config.k > n_latents:
+        raise MlsaeError(
+            f"-k {config.k} is more than the {n_latents} latents ({config.expansion_factor} x d_model "
+            f"{dataset.d_model}); lower -k or raise --expansion-factor"
+        )
+    if config.batch_tokens % dist.world_size:
+        raise MlsaeError(f"--batch-tokens {config.batch_tokens} does not split evenly over {dist.world_size} processes")
+    total_steps = _count_steps(config, dataset.n_tokens)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    model = MultiLayerSAE(dataset.d_model, n_latents, config.k, dataset.layers, generator=generator)
+    info = _run_info(config, dataset, model, total_steps)
+    run = Path(config.out)
+    checkpoint = _check_run_dir(run, config, info)
+    if config.verify:
+        damaged = dataset.damaged_shards() if dist.is_main else None
+        message = None
+        if damaged:
+            message = f"{len(damaged)} damaged shard(s): {', '.join(damaged)}; rebuild them with mlsae-cache (`mlsae-cache verify` lists them)"
+        message = dist.broadcast_error(message)
+        if message:
+            raise MlsaeError(message)
+
+    dist.barrier()  # every process has checked the run directory before the first one writes to it
+
+    # Every check has passed: from here on the run directory may be written.
+    device = dist.device
+    model.to(device)
+    optimizer = make_optimizer(model, config.lr)
+    tracker = DeadLatentTracker(n_latents, config.dead_tokens, device)
+    order = BatchOrder(dataset.n_tokens, config.batch_tokens, config.seed)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = int(load_checkpoint(checkpoint, model, optimizer, tracker)["step"])
+    else:
+        _init_b_pre(model, dataset, order)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            atomic_write_text(run / CONFIG_FILE, json.dumps(info, indent=1) + "\n")
+    dist.barrier()
+
+    steps = range(start_step, total_steps)
+    if stop_after_steps is not None:
+        steps = range(start_step, min(total_steps, start_step + stop_after_steps))
+    log = MetricsLog(run, start_step, config.tensorboard, config.wandb, info["config"]) if dist.is_main else None
+    try:
+        metrics = _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps, total_steps, log)
+    finally:
+        if log is not None:
+            log.close()
+    if dist.is_main and config.progress:
+        if start_step == total_steps:
+            print(f"{run} is already trained to its last step ({run / SAE_FILE})", file=sys.stderr)
+        elif steps.stop == total_steps:
+            tokens = total_steps * config.batch_tokens
+            print(f"trained: {run / SAE_FILE} (FVU {metrics['fvu']:.4f} after {tokens:,} tokens)", file=sys.stderr)
+    return run
+
+
+def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: range, total_steps: int, log) -> dict:
+    """Run ``steps``, logging every step and checkpointing every ``save_every_tokens`` and at the end."""
+    device = dist.device
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # mixed precision: the encoder matmul
+    bar = tqdm(
+        total=total_steps, initial=steps.start, unit="step", disable=not (config.progress and dist.is_main),
+        dynamic_ncols=True, file=sys.stderr,
+    )  # fmt: skip
+    metrics: dict[str, Any] = {}
+    every = config.save_every_tokens
+    with bar, Prefetcher(dataset, order, steps, dist.rank, dist.world_size, pin_memory=device.type == "cuda") as batches:
+        batch_iter = iter(batches)
+        started = time.perf_counter()
+        for step in steps:
+            _, x = _next_batch(batch_iter, dist)
+            x = x.to(device, non_blocking=True)
+            metrics = train_step(
+                model, optimizer, tracker, x, config.batch_tokens, config.auxk_alpha, dist, matmul_dtype,
+                config.micro_batch_tokens,
+            )  # fmt: skip
+            now = time.perf_counter()
+            tokens = (step + 1) * config.batch_tokens
+            metrics = {"step": step, "tokens": tokens, **metrics, "tokens_per_s": config.batch_tokens / (now - started)}
+            started = now
+            if log is not None:
+                log.log(metrics)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", fvu=f"{metrics['fvu']:.4f}", auxk=f"{metrics['auxk']:.3g}",
+                dead=f"{metrics['dead_fraction']:.1%}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+            )  # fmt: skip
+            if step + 1 == total_steps or tokens // every > (tokens - config.batch_tokens) // every:
+                progress = {"step": step + 1, "tokens": tokens, "total_steps": total_steps, "world_size": dist.world_size}
+                _save(config, model, optimizer, tracker, dist, progress)
+    return metrics
+
+
+def _next_batch(batch_iter, dist: Distributed) -> tuple[int, torch.Tensor]:
+    """The next batch; if any process hit a data error, every process stops with an error."""
+    error: MlsaeError | None = None
+    item = None
+    try:
+        item = next(batch_iter)
+    except MlsaeError as exc:
+        error = exc
+    if dist.world_size > 1:
+        failed = dist.all_reduce_max_(torch.tensor([int(error is not None)], dtype=torch.int32, device=dist.device))
+        if failed.item() and error is None:
+            error = MlsaeError("another training process stopped on a data error (see its message); fix the data and --resume")
+    if error is not None:
+        raise error
+    return item
+
+
+@torch.no_grad()
+def _init_b_pre(model: MultiLayerSAE, dataset: ActivationDataset, order: BatchOrder) -> None:
+    """b_pre = geometric median of the first global batch, standardized (every process computes the same)."""
+    indices = order.global_batch(0)
+    first = dataset.read(indices)
+    dataset.check_finite(first, indices)
+    z, _, _ = standardize(torch.from_numpy(first).to(model.b_pre.device).reshape(-1, model.d_model), model.eps)
+    model.b_pre.copy_(geometric_median(z))
+
+
+def _save(config: TrainConfig, model, optimizer, tracker, dist: Distributed, progress: dict) -> None:
+    run = Path(config.out)
+    if dist.is_main:
+        save_checkpoint(run / CHECKPOINT_FILE, model, optimizer, tracker, progress)
+        save_sae(model, run / SAE_FILE)
+    dist.barrier()
+

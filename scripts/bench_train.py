@@ -1,0 +1,240 @@
+"""Benchmark one SAE training step on this machine, all contenders side by side in one run.
+
+At d=512, R=64 (32,768 latents), k=32, 4,096 vectors a step, Adam, float32 (CPU by default):
+  naive     a dense TopK SAE step: dense latents, dense decoder, autograd, torch's default Adam
+  sparsify  EleutherAI's SparseCoder (PyPI eai-sparsify), its own step as its trainer runs it; skipped
+            when not importable (it is an optional benchmark dependency: pip install eai-sparsify)
+  floor     one dense encoder matmul plus top-k per vector, and nothing else
+  ours/mem  mlsae_train.train_step fed by the background prefetcher from an in-memory array
+  ours/disk the same fed from an on-disk cache (HDF5 shards, evicted from the page cache first)
+and prints vectors/s and the ratios ours/sparsify, ours/floor, disk/memory.
+The issue's targets: ours >= 1.3x sparsify, ours >= 0.75x floor, disk >= 0.9x memory.
+
+Each contender runs ``--warmup`` untimed steps then ``--steps`` timed ones; the rounds alternate the
+contenders so that a noisy neighbour slows them alike, and each figure is the median over all timed
+steps. Run:  python scripts/bench_train.py [--rounds 2] [--steps 4] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlsae_cache import write_array_cache  # noqa: E402
+from mlsae_train.data import ActivationDataset, BatchOrder, Prefetcher  # noqa: E402
+from mlsae_train.dead_latents import DeadLatentTracker  # noqa: E402
+from mlsae_train.model import MultiLayerSAE  # noqa: E402
+from mlsae_train.step import ADAM_EPS, make_optimizer, train_step  # noqa: E402
+
+
+def synthetic_activations(n_tokens: int, n_layers: int, d: int, seed: int) -> np.ndarray:
+    """[n_tokens, n_layers, d] float32: a random offset per layer plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    offset = rng.standard_normal((1, n_layers, d)).astype(np.float32) * 2
+    return (rng.standard_normal((n_tokens, n_layers, d), dtype=np.float32) + offset).astype(np.float32)
+
+
+class ArrayDataset:
+    """The part of ActivationDataset that the prefetcher uses, over an in-memory array."""
+
+    def __init__(self, acts: np.ndarray) -> None:
+        self.acts = acts
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.acts[indices]
+
+    def check_finite(self, batch: np.ndarray, indices: np.ndarray) -> None:
+        assert np.isfinite(batch).all()
+
+
+def evict_from_page_cache(root: Path) -> None:
+    """Drop the cache's files from the OS page cache, so that "disk" means disk (where the OS allows)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# -- contenders: each returns a function that runs one step on a fresh batch
+
+
+def naive_step(d: int, n: int, k: int, x_rows: torch.Tensor):
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(n, d, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = torch.nn.Parameter(W_dec.clone())
+    W_dec = torch.nn.Parameter(W_dec)
+    b = torch.nn.Parameter(torch.zeros(d))
+    opt = torch.optim.Adam([W_enc, W_dec, b], lr=1e-4, eps=ADAM_EPS)
+
+    def step():
+        pre = (x_rows - b) @ W_enc.T  # [N, n]
+        top = pre.topk(k, dim=1, sorted=False)
+        h = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))  # dense latents
+        x_hat = h @ W_dec + b  # dense decoder
+        loss = (x_hat - x_rows).pow(2).sum() / (x_rows - x_rows.mean(0)).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad.sub_((W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec)
+            opt.step()
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    return step
+
+
+def sparsify_step(d: int, R: int, k: int, x_rows: torch.Tensor):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(expansion_factor=R, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=ADAM_EPS)  # sparsify's trainer: plain Adam
+
+    def step():
+        out = sae(x_rows)
+        loss = out.fvu + out.auxk_loss / 32
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def floor_step(d: int, n: int, k: int, x_rows: torch.Tensor):
+    W_enc = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        (x_rows @ W_enc.T).topk(k, dim=1, sorted=False)
+
+    return step
+
+
+def ours_steps(dataset, n_tokens: int, batch_tokens: int, d: int, n: int, k: int, layers: list[int], n_steps: int):
+    """A generator that runs one of our training steps per next(), fed by the prefetcher."""
+    model = MultiLayerSAE(d, n, k, layers, generator=torch.Generator().manual_seed(0))
+    optimizer = make_optimizer(model, 1e-4)
+    tracker = DeadLatentTracker(n, 10_000_000)
+    order = BatchOrder(n_tokens, batch_tokens, seed=0)
+    with Prefetcher(dataset, order, range(n_steps)) as batches:
+        for _, x in batches:
+            train_step(model, optimizer, tracker, x, batch_tokens, 1 / 32)
+            yield
+
+
+def timed(step, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def timed_generator(gen, warmup: int, steps: int) -> list[float]:
+    it = iter(gen)
+    return timed(lambda: next(it), warmup, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--expansion-factor", type=int, default=64)
+    parser.add_argument("-k", type=int, default=32)
+    parser.add_argument("--vectors", type=int, default=4096, help="vectors per step (tokens x layers)")
+    parser.add_argument("--layers", type=int, default=4, help="layers per token for ours (vectors / layers tokens a step)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) dense baseline")
+    parser.add_argument("--profile", action="store_true", help="print a torch profiler table of our step")
+    args = parser.parse_args()
+
+    d, R, k, N, L = args.d, args.expansion_factor, args.k, args.vectors, args.layers
+    n = R * d
+    batch_tokens = N // L
+    n_steps = args.warmup + args.steps
+    n_tokens = batch_tokens * n_steps
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d} R={R} (n={n}) k={k}, "
+          f"{N} vectors/step ({batch_tokens} tokens x {L} layers), float32, {args.steps} timed steps x {args.rounds} rounds")  # fmt: skip
+
+    acts = synthetic_activations(n_tokens, L, d, seed=1)
+    x_rows = torch.from_numpy(acts[:batch_tokens].reshape(N, d).copy())
+    try:
+        import sparsify  # noqa: F401
+
+        has_sparsify = True
+    except ImportError:
+        has_sparsify = False
+        print("sparsify: not importable (pip install eai-sparsify); skipped")
+
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        cache_dir = write_array_cache(Path(tmp) / "cache", acts, layers=list(range(L)), shard_tokens=max(1, n_tokens // 4))
+        disk = ActivationDataset([cache_dir])
+        memory = ArrayDataset(acts)
+        for round_ in range(args.rounds):
+            contenders = {}
+            if not args.skip_naive:
+                contenders["naive"] = lambda: timed(naive_step(d, n, k, x_rows), args.warmup, args.steps)
+            if has_sparsify:
+                contenders["sparsify"] = lambda: timed(sparsify_step(d, R, k, x_rows), args.warmup, args.steps)
+            contenders["floor"] = lambda: timed(floor_step(d, n, k, x_rows), args.warmup, args.steps)
+            contenders["ours/mem"] = lambda: timed_generator(
+                ours_steps(memory, n_tokens, batch_tokens, d, n, k, list(range(L)), n_steps), args.warmup, args.steps
+            )
+
+            def ours_disk():
+                evict_from_page_cache(cache_dir)
+                return timed_generator(
+                    ours_steps(disk, n_tokens, batch_tokens, d, n, k, list(range(L)), n_steps), args.warmup, args.steps
+                )
+
+            contenders["ours/disk"] = ours_disk
+            for name, run in contenders.items():
+                times = run()
+                results.setdefault(name, []).extend(times)
+                print(f"  round {round_ + 1} {name:10s} " + " ".join(f"{t:.3f}" for t in times) + " s/step", flush=True)
+
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            gen = iter(ours_steps(memory, n_tokens, batch_tokens, d, n, k, list(range(L)), n_steps))
+            next(gen)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                next(gen)
+                next(gen)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    rate = {name: N / statistics.median(times) for name, times in results.items()}
+    print("\nvectors/s (median step):")
+    for name, value in rate.items():
+        print(f"  {name:10s} {value:9.0f}")
+    print("ratios:")
+    if "sparsify" in rate:
+        print(f"  ours/sparsify  {rate['ours/mem'] / rate['sparsify']:.2f}   (target >= 1.3)")
+    print(f"  ours/floor     {rate['ours/mem'] / rate['floor']:.2f}   (target >= 0.75)")
+    print(f"  disk/memory    {rate['ours/disk'] / rate['ours/mem']:.2f}   (target >= 0.9)")
+    if "naive" in rate:
+        print(f"  ours/naive     {rate['ours/mem'] / rate['naive']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

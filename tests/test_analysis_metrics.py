@@ -1,0 +1,187 @@
+"""mlsae-analyse on a synthetic cache (no language model): FVU, MSE, L0, L1, dead fraction, residual
+statistics and the stored sparse latents against brute force; run/cache mismatches refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from models import assert_one_line_error
+
+from mlsae_analysis import variance_ratios
+from mlsae_analysis.cli import main as analyse_main
+from mlsae_analysis.metrics import ReconstructionMetrics
+from mlsae_cache.writer import write_array_cache
+from mlsae_train import MultiLayerSAE, save_sae
+
+N_TOKENS, N_LAYERS, D_MODEL, N_LATENTS, K = 300, 3, 16, 64, 4
+
+
+@pytest.fixture(scope="module")
+def acts() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(N_TOKENS, N_LAYERS, D_MODEL)) + rng.normal(size=(1, N_LAYERS, D_MODEL))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(acts, tmp_path_factory) -> Path:
+    return write_array_cache(tmp_path_factory.mktemp("cache") / "c", acts, seq_len=10, shard_tokens=100)
+
+
+@pytest.fixture(scope="module")
+def sae() -> MultiLayerSAE:
+    model = MultiLayerSAE(D_MODEL, N_LATENTS, K, layers=list(range(N_LAYERS)), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.b_pre.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_file(sae, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("run") / "sae.safetensors"
+    save_sae(sae, path)
+    return path
+
+
+def analyse(run, cache, out, *extra) -> int:
+    return analyse_main(["--run", str(run), "--shards", str(cache), "--out", str(out), "--no-downstream",
+                         "--no-progress", "--batch-tokens", "64", *extra])  # fmt: skip
+
+
+def brute_force(acts: np.ndarray, sae: MultiLayerSAE) -> dict[str, np.ndarray]:
+    x = torch.from_numpy(acts).double()  # [N, nL, d]
+    with torch.no_grad():
+        x_hat = sae(torch.from_numpy(acts)).double()
+        values, indices = sae.encode(torch.from_numpy(acts))  # [N, nL, k]
+    err = ((x - x_hat) ** 2).sum(dim=(0, 2))  # [nL]
+    var = ((x - x.mean(dim=0)) ** 2).sum(dim=(0, 2))  # [nL]
+    dead = [1 - len(set(indices[:, l][values[:, l] > 0].tolist())) / N_LATENTS for l in range(N_LAYERS)]
+    return {
+        "fvu": (err / var).numpy(),
+        "mse": (err / (N_TOKENS * D_MODEL)).numpy(),
+        "l0": (values > 0).double().sum(dim=2).mean(dim=0).numpy(),
+        "l1": values.double().sum(dim=2).mean(dim=0).numpy(),
+        "dead_fraction": np.array(dead),
+        "dead_any": 1 - len(set(indices[values > 0].tolist())) / N_LATENTS,
+        "values": values,
+        "indices": indices,
+    }
+
+
+def test_accumulator_over_uneven_batches_equals_brute_force(acts, sae):
+    expected = brute_force(acts, sae)
+    metrics = ReconstructionMetrics(N_LAYERS, D_MODEL, N_LATENTS)
+    for start, stop in ((0, 7), (7, 150), (150, 151), (151, 300)):
+        x = torch.from_numpy(acts[start:stop])
+        recon = sae.reconstruct(x)
+        metrics.update(x, recon.x_hat.view(x.shape), recon.values.view(stop - start, N_LAYERS, K),
+                       recon.indices.view(stop - start, N_LAYERS, K))  # fmt: skip
+    got = metrics.per_layer()
+    for name in ("fvu", "mse", "l0", "l1", "dead_fraction"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+    assert metrics.dead_fraction_any_layer() == pytest.approx(expected["dead_any"])
+
+
+def test_cli_writes_exact_metrics_latents_and_residual(acts, sae, cache_dir, run_file, tmp_path):
+    out = tmp_path / "out"
+    assert analyse(run_file, cache_dir, out) == 0
+    expected = brute_force(acts, sae)
+    metrics = pl.read_csv(out / "metrics.csv")
+    assert metrics["layer"].to_list() == ["0", "1", "2", "mean"]
+    for name in ("fvu", "mse", "l0", "l1", "dead_fraction"):
+        np.testing.assert_allclose(metrics[name][:3].to_numpy(), expected[name], rtol=1e-5, err_msg=name)
+    assert metrics["fvu"][3] == pytest.approx(expected["fvu"].mean(), rel=1e-5)
+    assert metrics["dead_fraction"][3] == pytest.approx(expected["dead_any"])
+    assert metrics["delta_ce"].is_nan().all()
+
+    # the stored latents are exactly the active latents, in ascending token order
+    latents = pl.read_parquet(out / "latents" / "part-*.parquet")
+    assert latents["token"].is_sorted()
+    active = expected["values"] > 0
+    assert latents.height == int(active.sum())
+    token, layer, slot = np.nonzero(active.numpy())
+    np.testing.assert_array_equal(latents["token"].to_numpy(), token)
+    np.testing.assert_array_equal(latents["layer"].to_numpy(), layer)
+    np.testing.assert_array_equal(latents["latent"].to_numpy(), expected["indices"].numpy()[token, layer, slot])
+    np.testing.assert_allclose(latents["activation"].to_numpy(), expected["values"].numpy()[token, layer, slot], rtol=1e-6)
+    tokens = pl.read_parquet(out / "latents" / "tokens.parquet")
+    assert tokens["token"].to_list() == list(range(N_TOKENS))
+    assert tokens["position"].to_list() == [i % 10 for i in range(N_TOKENS)]
+
+    # residual statistics against brute force (cache means are the dataset means)
+    residual = pl.read_csv(out / "residual.csv")
+    x = acts.astype(np.float64)
+    centred = x - x.mean(axis=0)
+    unit = centred / np.linalg.norm(centred, axis=2, keepdims=True)
+    np.testing.assert_allclose(residual["cos_next"][:2].to_numpy(), (unit[:, :-1] * unit[:, 1:]).sum(2).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(residual["mean_norm"].to_numpy(), np.linalg.norm(x, axis=2).mean(0), rtol=1e-5)
+
+    # variance ratios and distributions are computed from the stored latents
+    ratios = pl.read_csv(out / "variance_ratios.csv").row(0, named=True)
+    assert ratios["ratio_11"] == pytest.approx(variance_ratios(latents)["ratio_11"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_tokens"] == N_TOKENS and summary["k"] == K
+    mmcs = pl.read_csv(out / "mmcs.csv")
+    assert 0 < mmcs["mmcs_mean"][0] <= 1
+    examples = pl.read_parquet(out / "examples.parquet")
+    top = examples.filter(pl.col("rank") == 0).sort("latent")
+    best = latents.group_by("latent").agg(pl.col("activation").max()).sort("latent")
+    np.testing.assert_allclose(top["activation"].to_numpy(), best["activation"].to_numpy())
+    for name in ("metrics", "heatmap", "variance_ratios", "residual_cos_next", "residual_norm"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+
+
+def test_max_tokens_limits_the_analysis(cache_dir, run_file, tmp_path):
+    assert analyse(run_file, cache_dir, tmp_path / "out", "--max-tokens", "50") == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_tokens"] == 50
+    assert pl.read_parquet(tmp_path / "out" / "latents" / "part-*.parquet")["token"].max() == 49
+
+
+def test_bad_input_is_one_line_and_leaves_no_out(acts, cache_dir, run_file, tmp_path, capsys):
+    narrow = write_array_cache(tmp_path / "narrow", acts[:, :, :8], seq_len=10)
+    other_layers = write_array_cache(tmp_path / "other_layers", acts[:, :2], layers=[0, 1], seq_len=10)
+    cases = [
+        (run_file, narrow, "width"),
+        (run_file, other_layers, "lacks layer 2"),
+        (tmp_path / "no_such_run", cache_dir, "does not exist"),
+        (tmp_path, cache_dir, "sae.safetensors"),  # a directory without a checkpoint
+        (run_file, tmp_path / "no_cache", "no cache"),
+    ]
+    for run, cache, fragment in cases:
+        out = tmp_path / "out"
+        assert analyse(run, cache, out) == 2
+        assert_one_line_error(capsys.readouterr().err, fragment)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    (tmp_path / "taken").mkdir()
+    assert analyse(run_file, cache_dir, tmp_path / "taken") == 2
+    assert_one_line_error(capsys.readouterr().err, "already exists")
+
+
+def test_run_trained_on_another_model_is_refused(acts, cache_dir, sae, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_sae(sae, run / "sae.safetensors")
+    identity = {"model": "another-model", "n_tokens": 10, "layers": [0, 1, 2], "d_model": D_MODEL, "lens": None}
+    (run / "config.json").write_text(json.dumps({"data": [identity]}))
+    assert analyse(run, cache_dir, tmp_path / "out") == 2
+    assert_one_line_error(capsys.readouterr().err, "another-model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_gathers_analysed_runs(cache_dir, run_file, tmp_path, capsys):
+    for name, tokens in (("a", "300"), ("b", "100")):
+        assert analyse(run_file, cache_dir, tmp_path / name, "--max-tokens", tokens) == 0
+    assert analyse_main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "report")]) == 0
+    tables = pl.read_csv(tmp_path / "report" / "tables.csv")
+    assert tables.height == 2 and tables["run"].n_unique() == 2
+    assert tables["fvu"][0] == pytest.approx(pl.read_csv(tmp_path / "a" / "metrics.csv")["fvu"][3])
+    assert (tmp_path / "report" / "per_layer.png").exists() and (tmp_path / "report" / "variance_ratios.pdf").exists()
+    assert analyse_main(["report", str(tmp_path), "--out", str(tmp_path / "report2")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "summary.json")
+    assert not (tmp_path / "report2").exists()

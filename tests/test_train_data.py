@@ -1,0 +1,99 @@
+"""Batches: random tokens across all shards and caches, all selected layers, order a function of the seed."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlsae_cache import write_array_cache
+from mlsae_cache.errors import MlsaeError
+from mlsae_train.data import ActivationDataset, BatchOrder, Prefetcher
+
+
+def acts(n, n_layers=3, d=4, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, n_layers, d)).astype(np.float32)
+
+
+@pytest.fixture
+def two_caches(tmp_path):
+    a, b = acts(50, seed=1), acts(30, seed=2)
+    write_array_cache(tmp_path / "a", a, layers=[2, 4, 6], model="m", shard_tokens=16)
+    write_array_cache(tmp_path / "b", b, layers=[2, 4, 6], model="m", shard_tokens=16)
+    return [tmp_path / "a", tmp_path / "b"], np.concatenate([a, b])
+
+
+def test_caches_read_as_one_dataset_with_layer_selection(two_caches):
+    paths, expected = two_caches
+    dataset = ActivationDataset(paths)
+    assert dataset.n_tokens == 80 and dataset.layers == [2, 4, 6] and dataset.d_model == 4
+    idx = np.array([0, 17, 49, 50, 79, 3])
+    np.testing.assert_array_equal(dataset.read(idx), expected[idx])
+    picked = ActivationDataset(paths, layers=[6, 2])
+    assert picked.layers == [6, 2]
+    np.testing.assert_array_equal(picked.read(idx), expected[idx][:, [2, 0]])
+    assert "shard-000001" in dataset.describe_token(17) and "row 1" in dataset.describe_token(17)
+    assert str(paths[1]) in dataset.describe_token(55)
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    order = BatchOrder(n_tokens=100, batch_tokens=20, seed=3)
+    epoch0 = np.concatenate([order.global_batch(s) for s in range(5)])
+    epoch1 = np.concatenate([order.global_batch(s) for s in range(5, 10)])
+    assert sorted(epoch0.tolist()) == list(range(100)) == sorted(epoch1.tolist())
+    assert not np.array_equal(epoch0, epoch1)  # a fresh order every epoch
+    assert np.array_equal(BatchOrder(100, 20, seed=3).global_batch(7), order.global_batch(7))  # a function of (seed, step)
+    assert not np.array_equal(BatchOrder(100, 20, seed=4).global_batch(0), order.global_batch(0))
+    # batches are random across the whole dataset, not one shard at a time
+    assert order.global_batch(0).max() - order.global_batch(0).min() > 50
+    # a batch straddling two epochs takes the end of one and the start of the next
+    straddle = BatchOrder(n_tokens=30, batch_tokens=20, seed=0)
+    assert len(straddle.global_batch(1)) == 20
+    # the shares of the processes make up the global batch
+    shares = [order.local_batch(4, rank, 4) for rank in range(4)]
+    assert np.array_equal(np.concatenate(shares), order.global_batch(4))
+
+
+def test_prefetcher_yields_each_step_in_order(two_caches):
+    paths, expected = two_caches
+    dataset = ActivationDataset(paths)
+    order = BatchOrder(dataset.n_tokens, 16, seed=0)
+    with Prefetcher(dataset, order, range(2, 5), depth=1) as batches:
+        got = list(batches)
+    assert [step for step, _ in got] == [2, 3, 4]
+    for step, x in got:
+        assert x.dtype == torch.float32 and x.shape == (16, 3, 4)
+        np.testing.assert_array_equal(x.numpy(), expected[order.global_batch(step)])
+
+
+def test_prefetcher_names_the_token_with_nan(tmp_path):
+    data = acts(40)
+    data[23, 1, 2] = np.nan
+    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], shard_tokens=16)
+    dataset = ActivationDataset([tmp_path / "c"])
+    order = BatchOrder(40, 40, seed=0)
+    with pytest.raises(MlsaeError) as info, Prefetcher(dataset, order, range(1)) as batches:
+        list(batches)
+    message = str(info.value)
+    assert "token 23" in message and "shard-000001" in message and "row 7" in message and "layer 1" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [({"model": "other"}, "model"), ({"layers": [2, 4, 7]}, "layers"), ("width", "d_model")],
+)
+def test_mixing_caches_of_different_models_or_widths_is_refused(tmp_path, kwargs, expected):
+    write_array_cache(tmp_path / "a", acts(10), layers=[2, 4, 6], model="m")
+    if kwargs == "width":
+        write_array_cache(tmp_path / "b", acts(10, d=8), layers=[2, 4, 6], model="m")
+    else:
+        write_array_cache(tmp_path / "b", acts(10), **{"layers": [2, 4, 6], "model": "m", **kwargs})
+    with pytest.raises(MlsaeError, match=expected):
+        ActivationDataset([tmp_path / "a", tmp_path / "b"])
+
+
+def test_unknown_layer_and_repeated_cache_are_refused(two_caches):
+    paths, _ = two_caches
+    with pytest.raises(MlsaeError, match="--layers 3"):
+        ActivationDataset(paths, layers=[2, 3])
+    with pytest.raises(MlsaeError, match="twice"):
+        ActivationDataset([paths[0], paths[0]])
