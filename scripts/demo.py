@@ -5,13 +5,12 @@
 Stage 1 caches the residual stream of every layer for a training and a held-out test split; stage 2
 trains an MLSAE on the training cache; stage 3 analyses it on the test cache. Each stage is the
 project's own command, so the demo is also a smoke test of them; each resumes where it stopped.
-Ends by printing where everything is.
+Ends by printing a short summary (FVU, delta CE, ratios 11 and 12) and where everything is.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -51,35 +50,44 @@ def main() -> int:
     parser.add_argument("--train-tokens", type=int, default=20_000)
     parser.add_argument("--test-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--splice-sequences", type=int, default=2, help="test sequences spliced per layer for delta CE / KL")
     args = parser.parse_args()
     out = Path(args.out)
     model, shakespeare = ensure_smollm2(), ensure_shakespeare()
     train_text, test_text = split_texts(shakespeare, out)
 
     common = ["--model", str(model), "--seq-len", str(args.seq_len), "--batch-size", "4", "--dtype", "float16"]
+    run_dir, analysis = out / "run", out / "analysis"
     try:
         run("mlsae_cache.cli", *common, "--dataset", str(train_text), "--out", str(out / "cache-train"), "--tokens", str(args.train_tokens))
         run("mlsae_cache.cli", *common, "--dataset", str(test_text), "--out", str(out / "cache-test"), "--tokens", str(args.test_tokens))
-        run("mlsae_cache.cli", "verify", str(out / "cache-train"))
-        stages_done = ["cache"]
-        if importlib.util.find_spec("mlsae_train.cli"):
-            run("mlsae_train.cli", "--shards", str(out / "cache-train"), "--out", str(out / "run"), "--expansion-factor", "8", "-k", "32",
-                "--batch-tokens", "256", "--lr", "1e-3", "--resume")  # fmt: skip
-            stages_done.append("train")
-        if importlib.util.find_spec("mlsae_analysis.cli"):
-            run("mlsae_analysis.cli", "--run", str(out / "run"), "--shards", str(out / "cache-test"), "--out", str(out / "analysis"))
-            stages_done.append("analyse")
+        if not (run_dir / "sae.safetensors").exists():  # a finished run is kept; an interrupted one resumes
+            resume = ["--resume"] if (run_dir / "checkpoint.safetensors").exists() else []
+            run("mlsae_train.cli", "--shards", str(out / "cache-train"), "--out", str(run_dir), "--expansion-factor", "8", "-k", "32",
+                "--batch-tokens", "256", "--lr", "1e-3", "--epochs", str(args.epochs), "--save-every-tokens", "5000", *resume)  # fmt: skip
+        if not (analysis / "summary.json").exists():
+            run("mlsae_analysis.cli", "--run", str(run_dir), "--shards", str(out / "cache-test"), "--out", str(analysis),
+                "--downstream-sequences", str(args.splice_sequences))  # fmt: skip
     except subprocess.CalledProcessError as exc:
         print(f"demo: a stage failed (exit {exc.returncode}); fix what it said and run the demo again to resume", file=sys.stderr)
         return 1
-    print()
-    print(f"demo finished ({' -> '.join(stages_done)}) in {out}")
-    print(f"  caches   : {out / 'cache-train'}  {out / 'cache-test'}")
-    if "train" in stages_done:
-        print(f"  MLSAE    : {out / 'run'}")
-    if "analyse" in stages_done:
-        print(f"  tables and figures: {out / 'analysis'}")
+    print_summary(out, analysis)
     return 0
+
+
+def print_summary(out: Path, analysis: Path) -> None:
+    import polars as pl
+
+    mean = pl.read_csv(analysis / "metrics.csv").filter(pl.col("layer").cast(pl.Utf8) == "mean").row(0, named=True)
+    ratios = pl.read_csv(analysis / "variance_ratios.csv").row(0, named=True)
+    print()
+    print("demo finished: SmolLM2-135M (30 layers) on Shakespeare -> MLSAE (R=8, k=32) -> analysis")
+    print(f"  FVU {mean['fvu']:.3f}   delta CE {mean['delta_ce']:.3f} nats   KL {mean['kl_per_token']:.3f} nats/token")
+    print(f"  ratio 11 (E_J[Var(L|J)] / Var(L)) {ratios['ratio_11']:.1%}   ratio 12 (E_J,T[Var(L|J,T)] / E_J[Var(L|J)]) {ratios['ratio_12']:.1%}")
+    print(f"  caches : {out / 'cache-train'}  {out / 'cache-test'}")
+    print(f"  MLSAE  : {out / 'run'}")
+    print(f"  tables and figures: {analysis}  (metrics.csv, variance_ratios.csv, heatmap.png, ...)")
 
 
 if __name__ == "__main__":
