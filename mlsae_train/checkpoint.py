@@ -117,7 +117,7 @@ def load_checkpoint(
     device = model.W_enc.device
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     with torch.no_grad():
         for name in WEIGHT_NAMES:
             getattr(model, name).copy_(tensors[f"model.{name}"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ class Prefetcher:
                     x = x.pin_memory()
                 if not self._put((step, x)):
                     return
-        except BaseException as exc:  # handed to the training thread, which raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
             self._put((None, exc))
 
     def _put(self, item) -> bool:
@@ -205,7 +205,7 @@ class Prefetcher:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,6 +31,7 @@ class DeadLatentTracker:
     @staticmethod
     def active_mask(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
         """[n] bool: the latents among ``indices`` whose activation in ``values`` (after ReLU) is > 0."""
-        mask = torch.zeros(n_latents, dtype=torch.bool, device=indices.device)
-        mask[indices[values > 0]] = True
-        return mask
+        # Entries whose activation is 0 are sent to a spare slot n, dropped at the end: no data-dependent shapes.
+        slots = torch.where(values > 0, indices, n_latents).flatten()
+        mask = torch.zeros(n_latents + 1, dtype=torch.bool, device=indices.device)
+        return mask.index_fill_(0, slots, True)[:n_latents]

@@ -29,7 +29,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str) -> "Distributed":
+    def from_env(cls, device: str) -> Distributed:
         """Join the torchrun process group if there is one (WORLD_SIZE > 1), and pick the device.
 
         device: "cpu", "cuda" or "auto" (cuda when available). Under torchrun with CUDA each rank takes

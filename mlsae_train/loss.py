@@ -8,7 +8,7 @@ exactly the one-process loss and gradient. ``sum_`` is that cross-process sum (i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -42,7 +42,7 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     break  # a line torn by a kill: it and anything after it belong to redone steps
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed by close()
         self._tensorboard = self._wandb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -88,8 +88,8 @@ class MultiLayerSAE(nn.Module):
         self.n_latents = n_latents
         self.k = k
         self.k_aux = aux_k_for(d_model, n_latents)
+        # the model's block indices the SAE was trained on, in the order of the input's layer axis
         self.layers = list(layers) if layers is not None else []
-        """The model's block indices the SAE was trained on, in the order of the input's layer axis."""
         self.eps = eps
         directions = torch.randn(n_latents, d_model, generator=generator)
         directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
@@ -107,15 +107,20 @@ class MultiLayerSAE(nn.Module):
         dead_latents: torch.Tensor | None = None,
         chunk_rows: int | None = None,
         matmul_dtype: torch.dtype | None = None,
+        project_decoder_grad: bool = False,
     ) -> Reconstruction:
-        """Encode and decode x [..., d]; with ``dead_latents`` also pick the top k_aux among them (AuxK)."""
+        """Encode and decode x [..., d]; with ``dead_latents`` also pick the top k_aux among them (AuxK).
+
+        ``project_decoder_grad``: W_dec's gradient comes back without each row's component along the
+        row (SPEC 3's projection before every step; the rows must have unit norm).
+        """
         rows = x.reshape(-1, self.d_model)  # [N, d]
         z, mean, scale = standardize(rows, self.eps)
         codes = topk_encode(
             z, self.b_pre, self.W_enc, self.k, dead_latents, self.k_aux, chunk_rows=chunk_rows, matmul_dtype=matmul_dtype
         )
         values = torch.relu(codes.values)  # [N, k]
-        z_hat = sparse_decode(values, codes.indices, self.W_dec) + self.b_pre  # [N, d]
+        z_hat = sparse_decode(values, codes.indices, self.W_dec, project_decoder_grad) + self.b_pre  # [N, d]
         x_hat = z_hat * scale + mean
         return Reconstruction(
             z, mean, scale, z_hat, x_hat, values, codes.indices, torch.relu(codes.aux_values), codes.aux_indices
@@ -136,28 +141,3 @@ class MultiLayerSAE(nn.Module):
     def normalize_decoder_(self) -> None:
         """Scale every decoder row to unit norm (after each optimizer step)."""
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True))
-
-    @torch.no_grad()
-    def remove_parallel_decoder_grad_(self) -> None:
-        """Remove from each decoder row's gradient its component along the (unit) row (before each step).
-
-        The unit-norm constraint makes that component useless: renormalization would undo it, and with
-        Adam it would still eat into the step size of the other directions.
-        """
-        grad = self.W_dec.grad
-        if grad is None:
-            return
-        along = rowwise_dot(grad, self.W_dec)  # [n]
-        grad.addcmul_(self.W_dec, along[:, None], value=-1.0)
-
-
-def rowwise_dot(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """``(a * b).sum(1)`` for [n, d] matrices, a chunk at a time: the product of the whole matrices
-    would be a fresh [n, d] temporary (64 MiB at d=512, R=64), slower than the arithmetic itself."""
-    out = a.new_empty(a.shape[0])
-    scratch = a.new_empty(min(chunk_rows, a.shape[0]), a.shape[1])
-    for start in range(0, a.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, a.shape[0])
-        torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start])
-        torch.sum(scratch[: stop - start], dim=1, out=out[start:stop])
-    return out

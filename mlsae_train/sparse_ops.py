@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,13 +66,26 @@ def scatter_weighted_rows(indices: torch.Tensor, weights: torch.Tensor, vectors:
     """
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    _, order = torch.sort(flat, stable=True)  # entries grouped by latent, in row order within a latent
+    order = stable_argsort(flat, n)  # entries grouped by latent, in row order within a latent
     counts = torch.bincount(flat, minlength=n)  # [n]
     offsets = torch.cumsum(counts, 0) - counts  # [n]: where each latent's bag starts in `order`
     source_rows = torch.div(order, k, rounding_mode="floor")  # [R*K]: the vector each entry scales
     return F.embedding_bag(
         source_rows, vectors, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[order].to(vectors.dtype)
     )
+
+
+def stable_argsort(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Stable argsort of 1-D int64 ``keys`` in [0, n).
+
+    On CPU, numpy's single-threaded radix sort (keys below 2**16) or timsort: torch's parallel radix
+    sort is as fast on an idle machine but ~50x slower when another process holds a core, because
+    each of its passes waits for every thread.
+    """
+    if keys.device.type != "cpu":
+        return torch.sort(keys, stable=True).indices
+    narrow = np.uint16 if n <= 1 << 16 else np.uint32
+    return torch.from_numpy(np.argsort(keys.numpy().astype(narrow), kind="stable"))
 
 
 def latent_sums(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:

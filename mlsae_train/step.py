@@ -4,7 +4,8 @@
   2. per micro-batch: standardize, top-k encode (+ top-k_aux among the dead), sparse decode,
      unstandardize; backpropagate this micro-batch's share of the loss
   3. loss = mean over layers of FVU_l + alpha * AuxK, both normalized over the GLOBAL batch
-  4. sum gradients over processes; remove each decoder row's parallel gradient component
+  4. sum gradients over processes (W_dec's arrives without each row's parallel component: the
+     sparse decoder projects it, see sparse_decode.py)
   5. Adam step; renormalize decoder rows; mark the latents active in this batch
 
 The FVU denominators depend on the data only, so they are computed from x before any backward pass.
@@ -61,6 +62,7 @@ def accumulate_gradients(
 ) -> StepTerms:
     """Set each parameter's ``.grad`` to this process's share of the gradient of
     ``mean_l FVU_l + alpha * AuxK`` over the global batch, going through x [b, L, d] in micro-batches.
+    W_dec's gradient has each row's component along the row removed (SPEC 3).
 
     ``sum_`` sums a tensor over processes (in place); summed over processes, the gradients are the
     one-process gradient of the whole global batch.
@@ -76,11 +78,11 @@ def accumulate_gradients(
     aux_squared = torch.zeros((), dtype=torch.float64, device=x.device)
     moments = ResidualMoments(d, x.device)
     for part in x.split(micro_batch_tokens or b):
-        out = model.reconstruct(part, dead_latents=dead_latents, matmul_dtype=matmul_dtype)
+        out = model.reconstruct(part, dead_latents=dead_latents, matmul_dtype=matmul_dtype, project_decoder_grad=True)
         part_fvu = fvu_per_layer(part, out.x_hat.view(part.shape), total_variance)  # [L]
         if out.aux_indices.shape[1] > 0:  # some latents are dead: AuxK explains the residual with them
             error = (out.z - out.z_hat).detach()  # [N, d], standardized space: the target carries no gradient
-            error_hat = sparse_decode(out.aux_values, out.aux_indices, model.W_dec)  # [N, d], no bias
+            error_hat = sparse_decode(out.aux_values, out.aux_indices, model.W_dec, project_grad=True)  # [N, d], no bias
             squared = (error - error_hat).pow(2).sum()
             grads = torch.autograd.grad(squared, params, retain_graph=True, allow_unused=True)
             aux_grads = list(grads) if aux_grads is None else [_add(a, g) for a, g in zip(aux_grads, grads)]
@@ -123,7 +125,6 @@ def train_step(
     terms = accumulate_gradients(model, x, dead, auxk_alpha, sum_, matmul_dtype, micro_batch_tokens)
     for param in model.parameters():
         sum_(param.grad)
-    model.remove_parallel_decoder_grad_()
     optimizer.step()
     model.normalize_decoder_()
 

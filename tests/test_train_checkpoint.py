@@ -29,10 +29,10 @@ def sparse_acts(n_tokens, n_layers, d, n_features=6, seed=0):
 
 
 def config(cache, out, **overrides):
-    settings = dict(
-        shards=[str(cache)], out=str(out), expansion_factor=8, k=2, batch_tokens=32, dead_tokens=64,
-        save_every_tokens=64, seed=5, progress=False, lr=3e-3,
-    )  # fmt: skip
+    settings = {
+        "shards": [str(cache)], "out": str(out), "expansion_factor": 8, "k": 2, "batch_tokens": 32,
+        "dead_tokens": 64, "save_every_tokens": 64, "seed": 5, "progress": False, "lr": 3e-3,
+    }  # fmt: skip
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -86,7 +86,7 @@ def test_resume_of_a_finished_run_changes_nothing(cache, uninterrupted):
 
 def test_resume_after_killing_the_process(tmp_path):
     cache = write_array_cache(tmp_path / "c", sparse_acts(1536, 2, 32, seed=1), layers=[0, 1], shard_tokens=500)
-    settings = dict(expansion_factor=16, k=4, batch_tokens=32, dead_tokens=256, save_every_tokens=64, lr=1e-3)
+    settings = {"expansion_factor": 16, "k": 4, "batch_tokens": 32, "dead_tokens": 256, "save_every_tokens": 64, "lr": 1e-3}
     killed = tmp_path / "killed"
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     cmd = [sys.executable, "-m", "mlsae_train.cli", "--shards", str(cache), "--out", str(killed), "--no-progress", "--seed", "5", *argv]

@@ -97,3 +97,20 @@ def test_unknown_layer_and_repeated_cache_are_refused(two_caches):
         ActivationDataset(paths, layers=[2, 3])
     with pytest.raises(MlsaeError, match="twice"):
         ActivationDataset([paths[0], paths[0]])
+
+
+def test_b_pre_starts_at_the_geometric_median_of_the_first_standardized_batch(two_caches):
+    from mlsae_train import MultiLayerSAE
+    from mlsae_train.geometric_median import geometric_median
+    from mlsae_train.model import standardize
+    from mlsae_train.trainer import _init_b_pre
+
+    paths, expected = two_caches
+    dataset = ActivationDataset(paths)
+    order = BatchOrder(dataset.n_tokens, 32, seed=0)
+    sae = MultiLayerSAE(4, 8, 2)
+    _init_b_pre(sae, dataset, order)
+    first = torch.from_numpy(expected[order.global_batch(0)]).reshape(-1, 4)  # all layers of the first batch
+    z, _, _ = standardize(first)
+    torch.testing.assert_close(sae.b_pre.detach(), geometric_median(z))
+    assert not torch.allclose(sae.b_pre.detach(), geometric_median(first), atol=1e-2)  # not on raw inputs

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mlsae_train import MultiLayerSAE, load_sae, save_sae
-from mlsae_train.model import aux_k_for, rowwise_dot, standardize
+from mlsae_train.model import aux_k_for, standardize
 
 
 def make_sae(d=12, n=40, k=5, seed=0, dtype=torch.float64):
@@ -86,16 +86,18 @@ def test_rejects_k_larger_than_n():
 
 
 def test_gradient_projection_leaves_the_gradient_orthogonal_to_each_row():
-    sae = make_sae(n=2000)  # more rows than one chunk of rowwise_dot
-    sae.normalize_decoder_()
-    grad = torch.randn_like(sae.W_dec)
-    sae.W_dec.grad = grad.clone()
-    sae.remove_parallel_decoder_grad_()
-    along = (sae.W_dec.grad * sae.W_dec).sum(1)
-    assert along.abs().max() < 1e-12
-    # only the parallel part was removed
-    expected = grad - (grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
-    torch.testing.assert_close(sae.W_dec.grad, expected.detach())
+    sae = make_sae()
+    sae.normalize_decoder_()  # the projection assumes unit rows, as during training
+    x = torch.randn(6, 2, 12, dtype=torch.float64)
+    target = torch.randn_like(x)
+    ((sae.reconstruct(x, project_decoder_grad=True).x_hat.view_as(x) - target) ** 2).sum().backward()
+    projected = sae.W_dec.grad.clone()
+    sae.zero_grad()
+    ((sae(x) - target) ** 2).sum().backward()
+    full = sae.W_dec.grad
+    assert (projected * sae.W_dec).sum(1).abs().max() < 1e-12  # orthogonal to each row
+    expected = full - (full * sae.W_dec).sum(1, keepdim=True) * sae.W_dec  # only the parallel part removed
+    torch.testing.assert_close(projected, expected.detach())
 
 
 def test_normalize_decoder_gives_unit_rows_and_keeps_directions():
@@ -104,11 +106,6 @@ def test_normalize_decoder_gives_unit_rows_and_keeps_directions():
     sae.normalize_decoder_()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40, dtype=torch.float64))
     torch.testing.assert_close(sae.W_dec * before.norm(dim=1, keepdim=True), before)
-
-
-def test_rowwise_dot():
-    a, b = torch.randn(3000, 7), torch.randn(3000, 7)
-    torch.testing.assert_close(rowwise_dot(a, b, chunk_rows=1000), (a * b).sum(1))
 
 
 @pytest.mark.parametrize("d, n, expected", [(512, 32768, 256), (576, 36864, 256), (16, 64, 8), (2048, 131072, 1024), (512, 100, 100)])

@@ -68,6 +68,18 @@ def test_sparse_decode_values_and_gradients_equal_dense(codes):
     torch.testing.assert_close(W.grad, W_ref.grad)
 
 
+def test_sparse_decode_projected_weight_gradient(codes):
+    indices, weights, table, _ = codes
+    unit = table / table.norm(dim=1, keepdim=True)
+    W = unit.clone().requires_grad_()
+    out = sparse_decode(weights, indices, W, project_grad=True)
+    probe = torch.randn_like(out)
+    (out * probe).sum().backward()
+    dense_grad = dense_codes(indices, weights, unit.shape[0]).T @ probe  # dL/dW of the dense decoder
+    expected = dense_grad - (dense_grad * unit).sum(1, keepdim=True) * unit
+    torch.testing.assert_close(W.grad, expected)
+
+
 def test_sparse_decode_keeps_leading_dims(codes):
     indices, weights, table, _ = codes
     out = sparse_decode(weights[:36].view(4, 9, -1), indices[:36].view(4, 9, -1), table)
