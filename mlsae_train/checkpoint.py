@@ -34,6 +34,11 @@ METRICS_FILE = "metrics.jsonl"
 WEIGHT_NAMES = ("W_enc", "W_dec", "b_pre")
 
 
+# mkstemp creates files readable by their owner only; a run's files get the usual mode instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it to ``path``."""
     path = Path(path)
@@ -41,6 +46,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -29,32 +29,29 @@ def row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) 
     """``out[r, j] = table[indices[r, j]] . vectors[r]``: the entries of ``vectors @ table.T`` at the code's support.
 
     indices: [R, K]; table: [n, d]; vectors: [R, d] -> [R, K]. On CPU this is a sampled dense-dense
-    matmul over a CSR pattern (one row per vector, K columns); elsewhere, a gather and a batched dot in
-    chunks that bound the [chunk, K, d] temporary.
+    matmul over a CSR pattern (one row per vector, K columns, in any order); elsewhere
+    :func:`row_dots_via_embedding_bag`.
     """
     n_rows, k = indices.shape
-    if indices.device.type == "cpu" and table.dtype == vectors.dtype and n_rows > 0:
-        crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we only use a stable core of it
-            pattern = torch.sparse_csr_tensor(
-                crow, indices.reshape(-1), vectors.new_zeros(n_rows * k), size=(n_rows, table.shape[0])
-            )
-            dots = torch.sparse.sampled_addmm(pattern, vectors, table.t(), beta=0.0)
-        return dots.values().view(n_rows, k)
-    return row_dots_gathered(indices, table, vectors)
+    if indices.device.type != "cpu" or table.dtype != vectors.dtype or n_rows == 0:
+        return row_dots_via_embedding_bag(indices, table, vectors)
+    crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we only use a stable core of it
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), vectors.new_zeros(n_rows * k), size=(n_rows, table.shape[0]))
+        dots = torch.sparse.sampled_addmm(pattern, vectors, table.t(), beta=0.0)
+    return dots.values().view(n_rows, k)
 
 
-def row_dots_gathered(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """:func:`row_dots` as a gather and a batched dot, in chunks of at most 16M gathered elements."""
-    n_rows, k = indices.shape
-    out = vectors.new_empty(n_rows, k)
-    chunk = max(1, (1 << 24) // max(1, k * table.shape[1]))
-    for start in range(0, n_rows, chunk):
-        stop = min(start + chunk, n_rows)
-        gathered = table[indices[start:stop]].to(vectors.dtype)  # [chunk, K, d]
-        out[start:stop] = torch.bmm(gathered, vectors[start:stop, :, None]).squeeze(-1)
-    return out
+def row_dots_via_embedding_bag(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """:func:`row_dots` as the gradient of a weighted embedding_bag with respect to its weights: exactly
+    ``table[indices[r, j]] . vectors[r]``, computed by a fused kernel on every device without the
+    [R, K, d] gather."""
+    weights = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+    with torch.enable_grad():
+        bags = F.embedding_bag(indices, table.detach(), mode="sum", per_sample_weights=weights)
+        (dots,) = torch.autograd.grad(bags, weights, grad_outputs=vectors.to(table.dtype))
+    return dots.to(vectors.dtype)
 
 
 def scatter_weighted_rows(indices: torch.Tensor, weights: torch.Tensor, vectors: torch.Tensor, n: int) -> torch.Tensor:

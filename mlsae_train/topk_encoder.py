@@ -12,15 +12,18 @@ R*K*d work instead of R*n*d.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
 
 from .sparse_ops import latent_sums, scatter_weighted_rows, weighted_row_sum
 
-# Pre-activations per chunk: enough rows for the matmul to run at full speed (2048 rows at n = 32768);
-# the buffer is reused by every chunk and every step.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M pre-activations: 256 MiB in float32
+# Pre-activations per chunk: enough rows for the matmul to run at full speed (on CPU 2048 rows at
+# n = 32768, 256 MiB in float32; on a GPU 4x that, 512 MiB in bfloat16); the buffer is reused by every
+# chunk and every step.
+CHUNK_ELEMENTS_CPU = 1 << 26
+CHUNK_ELEMENTS_GPU = 1 << 28
 
 
 class TopKCodes(NamedTuple):
@@ -36,13 +39,13 @@ class TopKCodes(NamedTuple):
     """[N, k_aux] their latent indices."""
 
 
-_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_workspaces: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, cols] scratch buffer kept between calls: a fresh 256 MiB tensor every step costs ~30 ms
-    of page faults on CPU, a twentieth of the matmul that fills it."""
-    key = (device, dtype)
+    """A [rows, cols] scratch buffer kept between calls (one per thread): a fresh 256 MiB tensor every
+    step costs ~50 ms of page faults on CPU, a tenth of the matmul that fills it."""
+    key = (threading.get_ident(), device, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < rows * cols:
         _workspaces.pop(key, None)
@@ -123,7 +126,8 @@ def topk_encode(
     ``matmul_dtype`` (e.g. bfloat16 on CUDA) is used for the matmul only; values come back in z's dtype.
     """
     if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // W_enc.shape[0])
+        elements = CHUNK_ELEMENTS_CPU if z.device.type == "cpu" else CHUNK_ELEMENTS_GPU
+        chunk_rows = max(1, elements // W_enc.shape[0])
     if dead_latents is not None and dead_latents.numel() == 0:
         dead_latents = None
     values, indices, aux_values, aux_indices = _TopKEncode.apply(
