@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary name beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from mlsae_cache.atomic import atomic_write  # noqa: F401 - the analysis modules import it from here
 
 
 def write_csv(df: pl.DataFrame, path: Path) -> Path:

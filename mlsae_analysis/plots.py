@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from mlsae_cache.atomic import atomic_write
 from mlsae_cache.errors import MlsaeError
 
 from .layer_distributions import layer_prob_columns
@@ -42,12 +43,7 @@ def save_figure(figure: Figure, path_stem: str | os.PathLike[str]) -> list[Path]
     written = []
     for fmt in FORMATS:
         final = stem.with_name(f"{stem.name}.{fmt}")
-        temporary = stem.with_name(f".{stem.name}.{fmt}.{os.getpid()}.tmp")
-        try:
-            figure.savefig(temporary, format=fmt, dpi=PNG_DPI)
-            os.replace(temporary, final)
-        finally:
-            temporary.unlink(missing_ok=True)
+        atomic_write(final, lambda tmp: figure.savefig(tmp, format=fmt, dpi=PNG_DPI))
         written.append(final)
     return written
 

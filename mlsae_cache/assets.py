@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .atomic import atomic_write_json
 from .errors import MlsaeError
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def asset_problem(directory: Path, *, rehash: bool = False) -> str | None:
     if refreshed:
         # Hash once: remember the new mtimes so the next check of these big files is cheap again.
         with contextlib.suppress(OSError):
-            _atomic_write_json(manifest_path, manifest)
+            atomic_write_json(manifest_path, manifest)
     return None
 
 
@@ -307,7 +308,7 @@ def _write_manifest(directory: Path, name: str, source: PackageSource, archive: 
         "archive_sha256": source.archive_sha256,
         "files": files,
     }
-    _atomic_write_json(directory / MANIFEST_NAME, manifest)
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,16 +539,3 @@ def _unique_sibling(path: Path, purpose: str) -> Path:
     return path.with_name(f".{path.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    """Write to a temporary name beside ``path``, then rename over it."""
-    temporary = _unique_sibling(path, "tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as stream:
-            stream.write(json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -24,15 +24,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
 import numpy as np
+
+from .atomic import atomic_write, atomic_write_json  # noqa: F401 - the writer imports atomic_write_json from here
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,25 +74,6 @@ def from_storage(stored: np.ndarray, dtype: str) -> np.ndarray:
 # atomic files and checksums
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -104,13 +85,6 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,20 +168,10 @@ class ShardContent:
 
 def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> None:
     """Write one shard file atomically (temporary name, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if fmt == "hdf5":
-            _write_hdf5(Path(tmp), content, dtype)
-        else:
-            _write_tar(Path(tmp), content)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    if fmt == "hdf5":
+        atomic_write(path, lambda tmp: _write_hdf5(Path(tmp), content, dtype))
+    else:
+        atomic_write(path, lambda tmp: _write_tar(Path(tmp), content))
 
 
 def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:

@@ -13,8 +13,6 @@ kill at any moment leaves either the previous file or the new one, never a torn 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mlsae_cache.atomic import atomic_write
 from mlsae_cache.errors import MlsaeError
 
 from .dead_latents import DeadLatentTracker
@@ -35,30 +34,6 @@ WEIGHT_NAMES = ("W_enc", "W_dec", "b_pre")
 
 
 # mkstemp creates files readable by their owner only; a run's files get the usual mode instead.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -9,7 +9,9 @@ from typing import Any
 
 from mlsae_cache.errors import MlsaeError
 
-from .checkpoint import METRICS_FILE, atomic_write_text
+from mlsae_cache.atomic import atomic_write_text
+
+from .checkpoint import METRICS_FILE
 
 
 def check_loggers_available(tensorboard: bool, wandb: bool) -> None:

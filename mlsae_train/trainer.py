@@ -14,7 +14,9 @@ from tqdm import tqdm
 
 from mlsae_cache.errors import MlsaeError
 
-from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, atomic_write_text, load_checkpoint, save_checkpoint, save_sae
+from mlsae_cache.atomic import atomic_write_text
+
+from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_checkpoint, save_checkpoint, save_sae
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import ActivationDataset, BatchOrder, Prefetcher
 from .dead_latents import DeadLatentTracker
