@@ -26,7 +26,7 @@ from mlsae_cache.lm import d_model_of, load_model, load_tokenizer, n_layers_of
 from . import plots
 from .config import AnalyseConfig
 from .downstream import downstream_metrics, kept_positions, make_reconstructor
-from .encode import LATENTS_DIR, TOKENS_FILE, encode_cache, scan_latents
+from .encode import TOKENS_FILE, encode_cache, scan_latents
 from .examples import top_examples
 from .files import atomic_write, write_csv, write_parquet
 from .inputs import RunAndCache, open_run_and_cache

@@ -196,7 +196,8 @@ def _write_shards(config: CacheConfig, identity: dict, tokenizer, model, layers:
             parts: list[tuple[np.ndarray, ...]] = []
             for offset in range(0, len(shard_seqs), config.batch_size):
                 batch = shard_seqs[offset : offset + config.batch_size]
-                ids = torch.as_tensor(np.stack(batch), device=device)  # [B, S]
+                batch_ids = np.stack(batch).astype(np.int64)  # [B, S]
+                ids = torch.as_tensor(batch_ids, device=device)
                 acts = reader.read(ids).float()  # [B, S, L, d]
                 if lens is not None:
                     acts = lens.forward_stack(acts, layers)
@@ -210,7 +211,7 @@ def _write_shards(config: CacheConfig, identity: dict, tokenizer, model, layers:
                         pos.cpu().numpy().astype(np.int32),
                         ids[b_idx, pos].cpu().numpy().astype(np.int32),
                         np.arange(first_sequence + offset, first_sequence + offset + len(batch), dtype=np.int64),
-                        np.stack(batch).astype(np.int32),
+                        batch_ids.astype(np.int32),
                     )
                 )
                 bar.update(len(batch) * config.seq_len)

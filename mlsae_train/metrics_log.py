@@ -7,9 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mlsae_cache.errors import MlsaeError
-
 from mlsae_cache.atomic import atomic_write_text
+from mlsae_cache.errors import MlsaeError
 
 from .checkpoint import METRICS_FILE
 

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mlsae_cache.errors import MlsaeError
-
 from mlsae_cache.atomic import atomic_write_text
+from mlsae_cache.errors import MlsaeError
 
 from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_checkpoint, save_checkpoint, save_sae
 from .config import RESUMABLE_CHANGES, TrainConfig
