@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mlsae_cache.lens import Lens
-from mlsae_cache.lm import replace_block_output
+from mlsae_cache.lm import map_block_hidden, record_block_outputs, replace_block_output, replay_block_outputs
 from mlsae_train import MultiLayerSAE
 
 # reconstruct(hidden [n, d], layer_index) -> [n, d]: what replaces the residual at kept positions
@@ -83,12 +83,14 @@ def downstream_metrics(
     reconstruct: Reconstructor,
     batch_size: int = 4,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> pl.DataFrame:
     """Delta CE and KL per analysed block.
 
     input_ids: [N, S] full model inputs; kept: [N, S] bool positions to splice; layers: model blocks.
-    Returns one row per layer: layer, layer_index, ce_clean, ce_spliced, delta_ce, kl_per_token,
-    kl_per_sequence.
+    reuse_prefix=False runs the whole model for every splice (the plain reference the fast path is
+    tested against). Returns one row per layer: layer, layer_index, ce_clean, ce_spliced, delta_ce,
+    kl_per_token, kl_per_sequence.
     """
     n_sequences, seq_len = input_ids.shape
     device = next(model.parameters()).device
@@ -99,7 +101,8 @@ def downstream_metrics(
     for start in range(0, n_sequences, batch_size):
         ids = input_ids[start : start + batch_size].to(device)  # [B, S]
         mask = kept[start : start + batch_size].to(device)  # [B, S]
-        clean_logits = _logits(model, ids)  # [B, S, V]
+        with record_block_outputs(model, max(layers)) as clean_outputs:
+            clean_logits = _logits(model, ids)  # [B, S, V]
         clean_ce += float(_ce_per_sequence(clean_logits, ids).sum())
         for index, block in enumerate(layers):
 
@@ -108,8 +111,14 @@ def downstream_metrics(
                 out[mask] = reconstruct(hidden[mask], index)
                 return out
 
-            with replace_block_output(model, block, splice):
-                spliced_logits = _logits(model, ids)
+            if reuse_prefix:  # blocks 0..block replay the clean pass; only the blocks after the splice run
+                replayed = {j: clean_outputs[j] for j in range(block)}
+                replayed[block] = map_block_hidden(clean_outputs[block], splice)
+                with replay_block_outputs(model, replayed):
+                    spliced_logits = _logits(model, ids)
+            else:
+                with replace_block_output(model, block, splice):
+                    spliced_logits = _logits(model, ids)
             spliced_ce[index] += float(_ce_per_sequence(spliced_logits, ids).sum())
             kl_sum[index] += float(_kl_per_sequence(clean_logits, spliced_logits).sum())
             bar.update(ids.shape[0])

@@ -161,16 +161,54 @@ class ResidualReader:
 
 
 @contextmanager
+def record_block_outputs(model: nn.Module, last_layer: int) -> Iterator[dict[int, object]]:
+    """Within the context, each forward stores blocks 0..last_layer's raw outputs (tensor or tuple) by layer."""
+    blocks = decoder_blocks(model)
+    recorded: dict[int, object] = {}
+
+    def make_hook(layer: int) -> Callable:
+        def hook(_module: nn.Module, _inputs, output) -> None:
+            recorded[layer] = output
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in range(last_layer + 1)]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def replay_block_outputs(model: nn.Module, outputs: dict[int, object]) -> Iterator[None]:
+    """Within the context, block j returns ``outputs[j]`` without computing anything.
+
+    For splicing at block l after a clean pass: replaying blocks 0..l-1 (and l, with its output
+    replaced) skips the part of the forward the splice cannot change, so only blocks l+1.. run.
+    """
+    blocks = decoder_blocks(model)
+    for layer, output in outputs.items():
+        blocks[layer].forward = lambda *_args, _output=output, **_kwargs: _output  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in outputs:
+            del blocks[layer].forward
+
+
+def map_block_hidden(output, replace: Callable[[torch.Tensor], torch.Tensor]):
+    """A block's raw output with its hidden state (the tensor, or a tuple's first item) replaced."""
+    if isinstance(output, (tuple, list)):
+        return (replace(output[0]), *output[1:])
+    return replace(output)
+
+
+@contextmanager
 def replace_block_output(model: nn.Module, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the context, block ``layer``'s output hidden state is ``replace(hidden)`` (for splicing)."""
     block = decoder_blocks(model)[layer]
-
-    def hook(_module: nn.Module, _inputs, output):
-        if isinstance(output, (tuple, list)):
-            return (replace(output[0]), *output[1:])
-        return replace(output)
-
-    handle = block.register_forward_hook(hook)
+    handle = block.register_forward_hook(lambda _module, _inputs, output: map_block_hidden(output, replace))
     try:
         yield
     finally:

@@ -71,6 +71,27 @@ def test_zero_splice_raises_the_loss(setup):
     np.testing.assert_allclose(table["kl_per_sequence"].to_numpy(), table["kl_per_token"].to_numpy() * SEQ_LEN)
 
 
+def _random_shift(hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(layer)
+    return hidden + torch.randn(hidden.shape, generator=generator) * hidden.std()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gpt2"])
+def test_replaying_the_clean_prefix_equals_running_the_whole_model(arch, pythia_tokenizer_dir, tmp_path):
+    """The fast path (blocks before the splice replay the clean pass) gives the plain path's numbers."""
+    model_dir = build_tiny_model(tmp_path / arch, pythia_tokenizer_dir, arch=arch, n_layers=4, d_model=32, context=64)
+    model = load_model(str(model_dir))
+    ids = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(0))  # [N, S]
+    kept = torch.ones_like(ids, dtype=torch.bool)
+    kept[:, 0] = False  # a special position at the start stays as the model computed it
+    layers = [0, 2, 3]
+    fast = downstream_metrics(model, ids, kept, layers, _random_shift, 2, False)
+    plain = downstream_metrics(model, ids, kept, layers, _random_shift, 2, False, reuse_prefix=False)
+    assert (fast["kl_per_token"].to_numpy() > 1e-4).all()  # the splice changes the output
+    for column in ("ce_clean", "ce_spliced", "delta_ce", "kl_per_token"):
+        np.testing.assert_allclose(fast[column].to_numpy(), plain[column].to_numpy(), rtol=1e-5, atol=1e-7)
+
+
 def run_analyse(setup, out, *extra):
     return analyse_main(["--run", str(setup["run"]), "--shards", str(setup["test"]), "--out", str(out), "--no-progress", *extra])
 
