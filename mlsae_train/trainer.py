@@ -146,6 +146,8 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
     finally:
         if log is not None:
             log.close()
+    if start_step == total_steps:  # a kill between the last checkpoint and the weights, or deleted weights
+        _save_final_weights(model, run, dist)
     if dist.is_main and config.progress:
         if start_step == total_steps:
             print(f"{run} is already trained to its last step ({run / SAE_FILE})", file=sys.stderr)
@@ -217,6 +219,12 @@ def _init_b_pre(model: MultiLayerSAE, dataset: ActivationDataset, order: BatchOr
     dataset.check_finite(first, indices)
     z, _, _ = standardize(torch.from_numpy(first).to(model.b_pre.device).reshape(-1, model.d_model), model.eps)
     model.b_pre.copy_(geometric_median(z))
+
+
+def _save_final_weights(model: MultiLayerSAE, run: Path, dist: Distributed) -> None:
+    if dist.is_main:
+        save_sae(model, run / SAE_FILE)
+    dist.barrier()
 
 
 def _save(config: TrainConfig, model, optimizer, tracker, dist: Distributed, progress: dict) -> None:

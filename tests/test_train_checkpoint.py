@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,15 @@ def test_resume_of_a_finished_run_changes_nothing(cache, uninterrupted):
     before = {p.name: p.read_bytes() for p in uninterrupted.iterdir()}
     train(config(cache, uninterrupted, resume=True))
     assert {p.name: p.read_bytes() for p in uninterrupted.iterdir()} == before
+
+
+def test_resume_of_a_finished_run_rewrites_missing_weights(cache, uninterrupted, tmp_path):
+    """A kill between the last checkpoint and the weights file leaves no (or stale) weights: --resume writes them."""
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    (run / "sae.safetensors").unlink()
+    train(config(cache, run, resume=True))
+    assert (run / "sae.safetensors").read_bytes() == (uninterrupted / "sae.safetensors").read_bytes()
 
 
 def test_resume_after_killing_the_process(tmp_path):
