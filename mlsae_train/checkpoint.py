@@ -120,3 +120,14 @@ def read_progress(path: str | Path) -> dict[str, Any]:
     """The progress metadata of a checkpoint, without loading its tensors."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return json.loads(f.metadata()["progress"])
+
+
+def run_is_finished(run: str | Path) -> bool:
+    """True when the run's weights are final: the trainer writes them before each checkpoint, so a
+    checkpoint at the last step means they are (sae.safetensors alone may be a mid-run snapshot)."""
+    run = Path(run)
+    try:
+        progress = read_progress(run / CHECKPOINT_FILE)
+    except Exception:  # missing or unreadable: not finished, and --resume will say what is wrong
+        return False
+    return progress.get("step") == progress.get("total_steps") and (run / SAE_FILE).exists()

@@ -230,7 +230,8 @@ def _save_final_weights(model: MultiLayerSAE, run: Path, dist: Distributed) -> N
 def _save(config: TrainConfig, model, optimizer, tracker, dist: Distributed, progress: dict) -> None:
     run = Path(config.out)
     if dist.is_main:
-        save_checkpoint(run / CHECKPOINT_FILE, model, optimizer, tracker, progress)
+        # weights first: a checkpoint at the last step then means the weights are final (run_is_finished)
         save_sae(model, run / SAE_FILE)
+        save_checkpoint(run / CHECKPOINT_FILE, model, optimizer, tracker, progress)
     dist.barrier()
 

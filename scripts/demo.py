@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlsae_cache.assets import ensure_shakespeare, ensure_smollm2  # noqa: E402
+from mlsae_train.checkpoint import run_is_finished  # noqa: E402
 
 
 def split_texts(shakespeare: Path, out: Path) -> tuple[Path, Path]:
@@ -62,7 +63,7 @@ def main() -> int:
     try:
         run("mlsae_cache.cli", *common, "--dataset", str(train_text), "--out", str(out / "cache-train"), "--tokens", str(args.train_tokens))
         run("mlsae_cache.cli", *common, "--dataset", str(test_text), "--out", str(out / "cache-test"), "--tokens", str(args.test_tokens))
-        if not (run_dir / "sae.safetensors").exists():  # a finished run is kept; an interrupted one resumes
+        if not run_is_finished(run_dir):  # a finished run is kept; an interrupted one resumes
             resume = ["--resume"] if (run_dir / "checkpoint.safetensors").exists() else []
             run("mlsae_train.cli", "--shards", str(out / "cache-train"), "--out", str(run_dir), "--expansion-factor", "8", "-k", "32",
                 "--batch-tokens", "256", "--lr", "1e-3", "--epochs", str(args.epochs), "--save-every-tokens", "5000", *resume)  # fmt: skip

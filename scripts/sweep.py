@@ -1,0 +1,761 @@
+"""Run a grid of MLSAE experiments from one TOML config: cache, train, analyse, then the cross-run report.
+
+    .venv/bin/python scripts/sweep.py sweeps/tiny.toml                 # run (or resume) the whole sweep
+    .venv/bin/python scripts/sweep.py sweeps/paper.toml --dry-run      # the plan, disk and time estimates
+    .venv/bin/python scripts/sweep.py sweeps/paper.toml --only 'pythia-70m/*' --set data.train_tokens=100_000_000
+    .venv/bin/python scripts/sweep.py --size-table                     # the README's table of sizes and times
+
+The grid expands to runs named ``MODEL/R<R>-k<k>[-lens]``. Each (model, lens) pair is cached once per
+split; each run is trained on the train cache and analysed on the test cache; ``mlsae-analyse report``
+then gathers every analysed run into ``OUT/report``. Every stage is the project's own command.
+
+Resumable: a stage is finished when the file it writes last exists (a cache's ``manifest.json``, a run's
+``sae.safetensors`` with its checkpoint at the last step, an analysis's ``summary.json``, a lens's
+``training.json``) and is then skipped; an interrupted training is continued with ``--resume``; an
+interrupted cache or lens resumes by itself. A failed stage is reported, the stages that need it are
+skipped, the sweep goes on and exits non-zero at the end.
+The report is rewritten only when the set of analysed runs (or one of their summaries) changed.
+
+Layout under ``out``: ``caches/MODEL[-lens]/{train,test}``, ``lenses/MODEL``, ``runs/MODEL/R..-k..``,
+``analysis/MODEL/R..-k..``, ``report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mlsae_cache.atomic import atomic_write_json  # noqa: E402
+from mlsae_cache.clitools import run_command  # noqa: E402
+from mlsae_cache.errors import MlsaeError  # noqa: E402
+from mlsae_train.checkpoint import run_is_finished  # noqa: E402
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SPLITS = ("train", "test")
+REPORT_RUNS_FILE = "sweep_runs.json"  # written into OUT/report: which analyses (and summaries) it was built from
+
+# ----------------------------------------------------------------------------------------------------
+# The config file
+# ----------------------------------------------------------------------------------------------------
+
+TOP_KEYS = {"out", "launcher", "data", "cache", "train", "analyse", "lens", "models", "grid"}
+DATA_DEFAULTS: dict[str, Any] = {
+    "dataset": None,  # both splits' text, unless train_dataset / test_dataset name their own
+    "train_dataset": None,
+    "test_dataset": None,
+    "train_split": "train",  # hub datasets only
+    "test_split": "test",
+    "train_tokens": None,
+    "test_tokens": None,
+}
+MODEL_KEYS = {"name", "path", "lens"}
+GRID_KEYS = {"models", "expansion_factor", "k", "lens"}
+# options of each command that the sweep sets itself, per run: the config may not set them
+SWEEP_OWNED = {
+    "cache": {"model", "out", "dataset", "tokens", "split", "lens", "overwrite"},
+    "train": {"shards", "out", "expansion_factor", "k", "resume"},
+    "analyse": {"run", "shards", "out"},
+    "lens": {"model", "dataset", "split", "out", "overwrite"},
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    """Names the model's runs and directories (pythia-70m, smollm2)."""
+    path: str
+    """What mlsae-cache --model gets: a short Pythia name, a hub id or a local directory."""
+    lens: str | None = None
+    """A tuned-lens directory for the lens runs; None: the sweep trains one with mlsae-lens train."""
+
+
+@dataclass(frozen=True)
+class Run:
+    model: ModelSpec
+    expansion_factor: int
+    k: int
+    lens: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}/R{self.expansion_factor}-k{self.k}" + ("-lens" if self.lens else "")
+
+
+@dataclass
+class SweepConfig:
+    source: Path
+    out: Path
+    launcher: list[str]
+    """Prefix for the cache and train commands (e.g. torchrun --nproc-per-node 8); empty: this Python."""
+    data: dict[str, Any]
+    options: dict[str, dict[str, Any]]
+    """Extra options per stage: cache, train, analyse, lens (any option of that command the sweep does not set)."""
+    models: dict[str, ModelSpec]
+    runs: list[Run]
+
+    def dataset(self, split: str) -> str:
+        return self.data[f"{split}_dataset"] or self.data["dataset"]
+
+
+def _cli_config_class(stage: str) -> type:
+    module, name = {"cache": ("mlsae_cache.config", "CacheConfig"), "train": ("mlsae_train.config", "TrainConfig"),
+                    "analyse": ("mlsae_analysis.config", "AnalyseConfig"), "lens": ("mlsae_cache.lens_cli", "LensTrainConfig")}[stage]  # fmt: skip
+    return getattr(importlib.import_module(module), name)
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a config field's annotation (int, float, str, bool, Literal, list, Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_matches_type(v, args[0] if args else Any) for v in value)
+    if args and type(None) in args:  # Optional[X] / X | None: TOML has no null, so only X can come
+        return any(_matches_type(value, a) for a in args if a is not type(None))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _check_stage_options(stage: str, table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The [cache] / [train] / [analyse] / [lens] table, checked against the fields of that command's config."""
+    cls = _cli_config_class(stage)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - SWEEP_OWNED[stage]
+    for key, value in table.items():
+        if key in SWEEP_OWNED[stage]:
+            raise MlsaeError(f"{where}: [{stage}] {key} is set by the sweep for each run; remove it from the config")
+        if key not in known:
+            raise MlsaeError(f"{where}: [{stage}] has no option {key!r}; use one of {', '.join(sorted(known))}")
+        if not _matches_type(value, hints[key]):
+            raise MlsaeError(f"{where}: [{stage}] {key} = {value!r} has the wrong type (expected {hints[key]})")
+    return dict(table)
+
+
+def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise MlsaeError(f"{where} must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise MlsaeError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
+    return table
+
+
+def _positive_ints(values: Any, where: str) -> list[int]:
+    values = values if isinstance(values, list) else [values]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise MlsaeError(f"{where} must be a positive integer or a non-empty list of them, got {values!r}")
+    return values
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """``--set a.b=VALUE``: VALUE is read as a TOML value (a bare word is taken as a string)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise MlsaeError(f"--set {assignment!r} is not KEY=VALUE (e.g. --set data.train_tokens=100_000_000)")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    *parents, leaf = key.split(".")
+    table = raw
+    for part in parents:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise MlsaeError(f"--set {key}: {part} is not a table (models and grid are edited in the file)")
+    table[leaf] = value
+
+
+def load_config(path: Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read, check and expand a sweep config; every problem is one MlsaeError line naming the key."""
+    where = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MlsaeError(f"sweep config {path} does not exist; give a .toml file such as sweeps/tiny.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MlsaeError(f"{where} is not valid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    _check_keys(raw, TOP_KEYS, where)
+    if not isinstance(raw.get("out"), str):
+        raise MlsaeError(f"{where}: set out = \"DIR\", the folder the sweep writes into")
+    launcher = raw.get("launcher", [])
+    if not (isinstance(launcher, list) and all(isinstance(a, str) for a in launcher)):
+        raise MlsaeError(f"{where}: launcher must be a list of strings, e.g. [\"torchrun\", \"--nproc-per-node\", \"8\"]")
+
+    data = {**DATA_DEFAULTS, **_check_keys(raw.get("data", {}), set(DATA_DEFAULTS), f"{where}: [data]")}
+    for split in SPLITS:
+        if not (data[f"{split}_dataset"] or data["dataset"]):
+            raise MlsaeError(f"{where}: [data] names no text for the {split} split; set dataset (or {split}_dataset)")
+        _positive_ints(data[f"{split}_tokens"], f"{where}: [data] {split}_tokens")
+
+    options = {stage: _check_stage_options(stage, raw.get(stage, {}), where) for stage in SWEEP_OWNED}
+
+    models = _load_models(raw.get("models"), where)
+    runs = _expand_grid(raw.get("grid"), models, where)
+    return SweepConfig(Path(path), Path(raw["out"]), launcher, data, options, models, runs)
+
+
+def _load_models(entries: Any, where: str) -> dict[str, ModelSpec]:
+    if not isinstance(entries, list) or not entries:
+        raise MlsaeError(f"{where}: no models; add [[models]] tables with name = \"pythia-70m\" (and path, lens if needed)")
+    models: dict[str, ModelSpec] = {}
+    for i, entry in enumerate(entries):
+        _check_keys(entry, MODEL_KEYS, f"{where}: [[models]] #{i + 1}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise MlsaeError(f"{where}: [[models]] #{i + 1} needs a name of letters, digits, '.', '_' or '-' (got {name!r})")
+        if name in models:
+            raise MlsaeError(f"{where}: model {name!r} is listed twice in [[models]]")
+        models[name] = ModelSpec(name, str(entry.get("path", name)), entry.get("lens"))
+    return models
+
+
+def _expand_grid(blocks: Any, models: dict[str, ModelSpec], where: str) -> list[Run]:
+    """Every block is a product models x expansion_factor x k x lens; a run listed twice is kept once."""
+    if not isinstance(blocks, list) or not blocks:
+        raise MlsaeError(f"{where}: no grid; add [[grid]] tables with models, expansion_factor, k (and lens)")
+    runs: dict[str, Run] = {}
+    for i, block in enumerate(blocks):
+        block_where = f"{where}: [[grid]] #{i + 1}"
+        _check_keys(block, GRID_KEYS, block_where)
+        names = block.get("models")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise MlsaeError(f"{block_where} needs models = [\"name\", ...] naming entries of [[models]]")
+        for name in names:
+            if name not in models:
+                raise MlsaeError(f"{block_where} names model {name!r}, which no [[models]] entry defines; add it or fix the name")
+        lens_values = block.get("lens", [False])
+        lens_values = lens_values if isinstance(lens_values, list) else [lens_values]
+        if not lens_values or not all(isinstance(v, bool) for v in lens_values):
+            raise MlsaeError(f"{block_where}: lens must be true, false or a list of them")
+        for name in names:
+            for lens in lens_values:
+                for r in _positive_ints(block.get("expansion_factor"), f"{block_where} expansion_factor"):
+                    for k in _positive_ints(block.get("k"), f"{block_where} k"):
+                        run = Run(models[name], r, k, lens)
+                        runs.setdefault(run.name, run)
+    return list(runs.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes and times (estimates, not measurements)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    d_model: int
+    params: int
+    """Non-embedding parameters: what a forward pass multiplies (the cache skips the unembedding)."""
+
+
+# (layers, d_model, non-embedding parameters) from the Pythia model card
+PYTHIA = {
+    "pythia-70m": ModelShape(6, 512, 18_915_328),
+    "pythia-160m": ModelShape(12, 768, 85_056_000),
+    "pythia-410m": ModelShape(24, 1024, 302_311_424),
+    "pythia-1b": ModelShape(16, 2048, 805_736_448),
+    "pythia-1.4b": ModelShape(24, 2048, 1_208_602_624),
+    "pythia-2.8b": ModelShape(32, 2560, 2_517_652_480),
+    "pythia-6.9b": ModelShape(32, 4096, 6_444_163_072),
+    "pythia-12b": ModelShape(36, 5120, 11_327_027_200),
+}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+TOKEN_ID_BYTES = 16  # per stored token: sequence, position, token id (measured: benchmarks/RESULTS.md)
+LATENT_ROW_BYTES = 18  # one latents parquet row before compression: token i64, layer i16, latent i32, activation f32
+GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"}
+
+# The assumptions behind every time estimate (no GPU measured them: see the README)
+H100_BF16_PEAK = 989e12  # FLOP/s, dense, SXM
+ASSUMED_UTILISATION = 0.30
+ASSUMED_DISK_BYTES_PER_S = 2e9  # one NVMe drive, sequential
+
+
+def model_shape(model: str) -> ModelShape | None:
+    """Layers, width and parameters of a Pythia name or a local model directory; None when unknown."""
+    local = Path(model) / "config.json"
+    if local.is_file():
+        return _shape_from_config(json.loads(local.read_text()))
+    short = model.split("/")[-1].lower().removesuffix("-deduped")
+    return PYTHIA.get(short)
+
+
+def _shape_from_config(config: dict) -> ModelShape:
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    d = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    heads = config.get("num_attention_heads") or config.get("n_head") or 1
+    kv_width = d * (config.get("num_key_value_heads") or heads) // heads
+    ff = config.get("intermediate_size") or config.get("n_inner") or 4 * d
+    mlp = (3 if config.get("model_type") in GATED_MLP else 2) * d * ff
+    return ModelShape(int(layers), int(d), int(layers * (2 * d * d + 2 * d * kv_width + mlp)))
+
+
+def cache_bytes(tokens: int, shape: ModelShape, dtype: str = "float16") -> int:
+    """Disk of a cache: every layer's d_model vector per token, plus the token identity."""
+    return tokens * (shape.n_layers * shape.d_model * DTYPE_BYTES[dtype] + TOKEN_ID_BYTES)
+
+
+def latents_bytes(tokens: int, shape: ModelShape, k: int) -> int:
+    """Disk of an analysis's sparse latents at most (before parquet compression): k rows per token and layer."""
+    return tokens * shape.n_layers * k * LATENT_ROW_BYTES
+
+
+def forward_flops(tokens: int, shape: ModelShape, seq_len: int) -> float:
+    """Language-model forward: 2 x parameters per token, plus attention over the context (Kaplan et al. 2020)."""
+    return tokens * (2 * shape.params + 2 * shape.n_layers * seq_len * shape.d_model)
+
+
+def sae_train_flops(tokens: int, shape: ModelShape, expansion_factor: int, k: int) -> float:
+    """One MLSAE epoch: per vector the dense encoder (2 d n) dominates; the decoder and the encoder's
+    gradient touch only the k active latents (8 k d), AuxK the k_aux ~ d/2 dead ones (6 k_aux d)."""
+    d, n = shape.d_model, expansion_factor * shape.d_model
+    per_vector = 2 * d * n + 8 * k * d + 6 * (d // 2) * d
+    return tokens * shape.n_layers * per_vector
+
+
+def gpu_seconds(flops: float, disk_bytes: float = 0.0) -> float:
+    """Time on one H100 at the assumed utilisation, or to stream ``disk_bytes``, whichever is longer."""
+    return max(flops / (H100_BF16_PEAK * ASSUMED_UTILISATION), disk_bytes / ASSUMED_DISK_BYTES_PER_S)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def human_seconds(s: float) -> str:
+    if s < 1:
+        return "<1 s"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def size_table(tokens: int = 1_000_000_000, small_tokens: int = 10_000_000, seq_len: int = 2048) -> str:
+    """The README's table per Pythia model: cache disk, latents at R=64, and estimated H100 times for 1B
+    tokens, compute-bound and disk-bound apart (a stage takes the longer of the two)."""
+    lines = ["| model | layers x d | cache, 1B tokens | cache, 10M tokens | latents at R=64 | LM forward, 1B tokens "
+             "| SAE R=64 k=32, 1B tokens | 1B-token cache at 2 GB/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name in ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b"):
+        s = PYTHIA[name]
+        big = cache_bytes(tokens, s)
+        forward, train = gpu_seconds(forward_flops(tokens, s, seq_len)), gpu_seconds(sae_train_flops(tokens, s, 64, 32))
+        lines.append(f"| {name} | {s.n_layers} x {s.d_model} | {human_bytes(big)} | {human_bytes(cache_bytes(small_tokens, s))} "
+                     f"| {64 * s.d_model:,} | {human_seconds(forward)} | {human_seconds(train)} | {human_seconds(gpu_seconds(0, big))} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan: one stage per command
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Stage:
+    kind: str
+    """lens, cache, train, analyse or report."""
+    label: str
+    module: str
+    argv: list[str]
+    done_file: Path
+    needs: list[Stage] = field(default_factory=list)
+    launched: bool = False
+    """Runs under the config's launcher (torchrun) when one is set: the cache and train commands."""
+    resume_marker: Path | None = None
+    """train: when this exists the run was started, and --resume is added."""
+    finished: Callable[[], bool] | None = None
+    """A further test that ``done_file`` is this stage's finished output (cache: its tokens; train: the last step)."""
+    disk_bytes: int | None = None
+    seconds: float | None = None
+
+    @property
+    def command(self) -> str:
+        return {"mlsae_cache.cli": "mlsae-cache", "mlsae_train.cli": "mlsae-train", "mlsae_analysis.cli": "mlsae-analyse",
+                "mlsae_cache.lens_cli": "mlsae-lens"}[self.module]  # fmt: skip
+
+    def is_done(self) -> bool:
+        return self.done_file.exists() and (self.finished is None or self.finished())
+
+    def status(self) -> str:
+        if self.is_done():
+            return "skip"
+        if self.resume_marker is not None and self.resume_marker.exists():
+            return "resume"
+        return "to do"
+
+    def full_argv(self) -> list[str]:
+        return self.argv + (["--resume"] if self.status() == "resume" else [])
+
+
+def _option_argv(options: dict[str, Any]) -> list[str]:
+    """{"batch_tokens": 8, "verify": False, "layers": [1, 2]} -> --batch-tokens 8 --no-verify --layers 1 2."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+class Planner:
+    """Turns a config's runs (those --only selects) into the ordered stages that make them."""
+
+    def __init__(self, config: SweepConfig):
+        self.config = config
+        self.out = config.out
+        self._lenses: dict[str, Stage] = {}
+        self._caches: dict[tuple[str, bool, str], Stage] = {}
+
+    def run_dir(self, run: Run) -> Path:
+        return self.out / "runs" / run.name
+
+    def analysis_dir(self, run: Run) -> Path:
+        return self.out / "analysis" / run.name
+
+    def stages(self, runs: list[Run]) -> list[Stage]:
+        ordered: list[Stage] = []
+        for run in runs:
+            caches = {split: self._cache(run.model, run.lens, split, ordered) for split in SPLITS}
+            train = self._train(run, caches["train"])
+            ordered += [train, self._analyse(run, train, caches["test"])]
+        return ordered
+
+    def _lens_dir(self, model: ModelSpec, ordered: list[Stage]) -> tuple[str, list[Stage]]:
+        if model.lens:
+            return model.lens, []
+        if model.name not in self._lenses:
+            out = self.out / "lenses" / model.name
+            argv = ["train", "--model", model.path, "--dataset", self.config.dataset("train"), "--split",
+                    self.config.data["train_split"], "--out", str(out), *_option_argv(self.config.options["lens"])]  # fmt: skip
+            # training.json is what mlsae-lens train writes last; an unfinished lens training resumes by itself
+            self._lenses[model.name] = stage = Stage("lens", model.name, "mlsae_cache.lens_cli", argv, out / "training.json")
+            ordered.append(stage)
+        return str(self.out / "lenses" / model.name), [self._lenses[model.name]]
+
+    def _cache(self, model: ModelSpec, lens: bool, split: str, ordered: list[Stage]) -> Stage:
+        key = (model.name, lens, split)
+        if key not in self._caches:
+            lens_argv, needs = [], []
+            if lens:
+                lens_path, needs = self._lens_dir(model, ordered)
+                lens_argv = ["--lens", lens_path]
+            group = model.name + ("-lens" if lens else "")
+            out = self.out / "caches" / group / split
+            data, options = self.config.data, self.config.options["cache"]
+            tokens = data[f"{split}_tokens"]
+            argv = ["--model", model.path, "--dataset", self.config.dataset(split), "--split", data[f"{split}_split"],
+                    "--tokens", str(tokens), "--out", str(out), *lens_argv, *_option_argv(options)]  # fmt: skip
+            stage = Stage("cache", f"{group} {split}", "mlsae_cache.cli", argv, out / "manifest.json", needs, launched=True,
+                          finished=lambda: _cache_has_tokens(out, tokens))  # fmt: skip
+            shape = model_shape(model.path)
+            if shape is not None:
+                stage.disk_bytes = cache_bytes(tokens, shape, options.get("dtype", "float16"))
+                flops = forward_flops(tokens, shape, options.get("seq_len", 2048))
+                stage.seconds = gpu_seconds(flops, stage.disk_bytes)
+            self._caches[key] = stage
+            ordered.append(stage)
+        return self._caches[key]
+
+    def _train(self, run: Run, cache: Stage) -> Stage:
+        out = self.run_dir(run)
+        argv = ["--shards", str(cache.done_file.parent), "--out", str(out), "--expansion-factor", str(run.expansion_factor),
+                "-k", str(run.k), *_option_argv(self.config.options["train"])]  # fmt: skip
+        stage = Stage("train", run.name, "mlsae_train.cli", argv, out / "sae.safetensors", [cache], launched=True,
+                      resume_marker=out / "config.json", finished=lambda: run_is_finished(out))  # fmt: skip
+        shape = model_shape(run.model.path)
+        if shape is not None:
+            epochs = self.config.options["train"].get("epochs", 1)
+            flops = sae_train_flops(epochs * self.config.data["train_tokens"], shape, run.expansion_factor, run.k)
+            stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0))  # each epoch reads the whole cache
+        return stage
+
+    def _analyse(self, run: Run, train: Stage, test_cache: Stage) -> Stage:
+        out = self.analysis_dir(run)
+        options = self.config.options["analyse"]
+        argv = ["--run", str(train.done_file.parent), "--shards", str(test_cache.done_file.parent), "--out", str(out),
+                *_option_argv(options)]  # fmt: skip
+        stage = Stage("analyse", run.name, "mlsae_analysis.cli", argv, out / "summary.json", [train, test_cache])
+        shape = model_shape(run.model.path)
+        if shape is not None:
+            tokens = min(self.config.data["test_tokens"], options.get("max_tokens", self.config.data["test_tokens"]))
+            stage.disk_bytes = latents_bytes(tokens, shape, run.k)
+        return stage
+
+
+def _cache_has_tokens(cache: Path, tokens: int) -> bool:
+    """A finished cache made for another token count is not this stage's: mlsae-cache then says so itself."""
+    try:
+        return json.loads((cache / "config.json").read_text()).get("tokens") == tokens
+    except (OSError, ValueError):
+        return False
+
+
+def select_runs(runs: list[Run], patterns: Sequence[str]) -> list[Run]:
+    """Runs whose name matches any --only glob (all runs without --only)."""
+    if not patterns:
+        return runs
+    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+    if not chosen:
+        raise MlsaeError(f"--only {' '.join(patterns)} matches none of the {len(runs)} runs (names look like {runs[0].name})")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: rewritten only when the analysed runs changed
+# ----------------------------------------------------------------------------------------------------
+
+
+def analysed_runs(planner: Planner, runs: list[Run]) -> dict[str, str]:
+    """{run name: mtime and sha256 of its summary.json} for every run of the config that has an analysis.
+
+    The mtime makes a redone analysis count as new even when it reproduces its summary exactly."""
+    found = {}
+    for run in runs:
+        summary = planner.analysis_dir(run) / "summary.json"
+        if summary.exists():
+            found[run.name] = f"{summary.stat().st_mtime_ns}:{hashlib.sha256(summary.read_bytes()).hexdigest()}"
+    return found
+
+
+def report_is_current(report_dir: Path, fingerprint: dict[str, str]) -> bool:
+    try:
+        return json.loads((report_dir / REPORT_RUNS_FILE).read_text()) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def write_report(planner: Planner, runs: list[Run], fingerprint: dict[str, str], call: Callable[[Stage], int]) -> int:
+    """mlsae-analyse report into a fresh sibling, then swap it in place of OUT/report."""
+    out = planner.out / "report"
+    fresh, stale = out.parent / f".report.new-{os.getpid()}", out.parent / f".report.old-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    dirs = [str(planner.analysis_dir(r)) for r in runs if r.name in fingerprint]
+    code = call(Stage("report", f"{len(dirs)} runs", "mlsae_analysis.cli", ["report", *dirs, "--out", str(fresh)], out))
+    if code != 0:
+        return code
+    atomic_write_json(fresh / REPORT_RUNS_FILE, fingerprint)
+    if out.exists():
+        os.rename(out, stale)
+    os.rename(fresh, out)
+    shutil.rmtree(stale, ignore_errors=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """A stage was stopped by Ctrl-C: stop the sweep (what finished is kept)."""
+
+
+def stage_caller(config: SweepConfig, in_process: bool) -> Callable[[Stage], int]:
+    """A function that runs one stage's command and returns its exit code."""
+
+    def call(stage: Stage) -> int:
+        argv = stage.full_argv()
+        print(f"  $ {stage.command} {' '.join(argv)}", flush=True)
+        if stage.kind == "analyse":
+            Path(argv[argv.index("--out") + 1]).parent.mkdir(parents=True, exist_ok=True)
+        if in_process:
+            code = importlib.import_module(stage.module).main(argv)
+        else:
+            prefix = config.launcher if (stage.launched and config.launcher) else [sys.executable]
+            code = subprocess.run([*prefix, "-m", stage.module, *argv]).returncode
+        if code in (130, -2):  # the command was interrupted (Ctrl-C): it kept its progress
+            raise Interrupted
+        return code
+
+    return call
+
+
+def execute(stages: list[Stage], call: Callable[[Stage], int], total: int) -> dict[str, str]:
+    """Run the stages in order; returns {stage title: why it failed or was skipped for a failure}."""
+    failed: dict[int, str] = {}
+    problems: dict[str, str] = {}
+    for i, stage in enumerate(stages, 1):
+        title = f"{stage.kind} {stage.label}"
+        head = f"[{i}/{total}]"
+        broken = [n for n in stage.needs if id(n) in failed]
+        if broken:
+            failed[id(stage)] = problems[title] = f"not run: {broken[0].kind} {broken[0].label} failed"
+            print(f"{head} {title}: {problems[title]}", flush=True)
+            continue
+        status = stage.status()
+        if status == "skip":
+            print(f"{head} {title}: done ({stage.done_file.name} exists), skipped", flush=True)
+            continue
+        print(f"{head} {title}" + (" (resuming)" if status == "resume" else ""), flush=True)
+        start = time.perf_counter()
+        try:
+            code = call(stage)
+        except Interrupted:
+            raise
+        except Exception as exc:  # a bug in a command run in this process: report it, go on with the others
+            import traceback
+
+            traceback.print_exc()
+            code, why = 1, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"exit {code}"
+        elapsed = time.perf_counter() - start
+        if code == 0 and stage.is_done():
+            print(f"  done in {human_seconds(elapsed)}", flush=True)
+            continue
+        if code == 0:
+            why = f"exit 0 but {stage.done_file} was not written"
+        failed[id(stage)] = problems[title] = f"failed ({why}) after {human_seconds(elapsed)}"
+        print(f"  {title} {problems[title]}; going on with the other runs", flush=True)
+    return problems
+
+
+def print_plan(config: SweepConfig, planner: Planner, stages: list[Stage], runs: list[Run], fingerprint: dict[str, str]) -> None:
+    n_models = len({r.model.name for r in runs})
+    print(f"sweep {config.source}: {len(runs)} runs of {n_models} models (of {len(config.runs)} in the grid) -> {config.out}")
+    width = max(len(f"{s.kind} {s.label}") for s in stages)
+    for i, stage in enumerate(stages, 1):
+        status = stage.status()
+        extra = []
+        if stage.disk_bytes is not None:
+            extra.append(human_bytes(stage.disk_bytes))
+        if stage.seconds is not None and status != "skip":
+            extra.append(f"~{human_seconds(stage.seconds)} GPU".replace("~<", "<"))
+        print(f"  [{i}/{len(stages) + 1}] {stage.kind + ' ' + stage.label:<{width}}  {status:<6}  {'  '.join(extra)}")
+    will_analyse = {s.label for s in stages if s.kind == "analyse" and s.status() != "skip"}
+    report_runs = len(set(fingerprint) | will_analyse)
+    report_todo = report_runs and (will_analyse or not report_is_current(config.out / "report", fingerprint))
+    print(f"  [{len(stages) + 1}/{len(stages) + 1}] {'report ' + str(report_runs) + ' runs':<{width}}  {'to do' if report_todo else 'skip'}")
+    print_estimates(config, stages)
+
+
+def print_estimates(config: SweepConfig, stages: list[Stage]) -> None:
+    caches = [s for s in stages if s.kind == "cache"]
+    total = sum(s.disk_bytes or 0 for s in caches)
+    to_write = sum(s.disk_bytes or 0 for s in stages if s.status() != "skip")
+    latents = sum(s.disk_bytes or 0 for s in stages if s.kind == "analyse" and s.status() != "skip")
+    unknown = sorted({s.label.split()[0].split("/")[0] for s in stages if s.kind in ("cache", "analyse") and s.disk_bytes is None})
+    existing = next(p for p in [config.out, *config.out.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    fits = "fits" if to_write <= free else "DOES NOT FIT: lower data.train_tokens or free disk"
+    print(f"disk: caches {human_bytes(total)} in all; still to write {human_bytes(to_write)} (of which analysis latents "
+          f"{human_bytes(latents)}, before compression); {human_bytes(free)} free under {existing} ({fits})"
+          + (f"; size unknown for {', '.join(unknown)}" if unknown else ""))  # fmt: skip
+    seconds = sum(s.seconds or 0 for s in stages if s.status() != "skip")
+    print(f"time (estimate, not a measurement): {human_seconds(seconds)} of caching and training on one H100 at "
+          f"{ASSUMED_UTILISATION:.0%} of its bf16 peak, reading the caches at {ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s; "
+          "lens training and analysis not included")  # fmt: skip
+
+
+def sweep(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.config), args.set)
+    runs = select_runs(config.runs, args.only)
+    planner = Planner(config)
+    stages = planner.stages(runs)
+    if args.dry_run:
+        print_plan(config, planner, stages, runs, analysed_runs(planner, config.runs))
+        return 0
+    config.out.mkdir(parents=True, exist_ok=True)
+    total = len(stages) + 1
+    print(f"sweep {config.source}: {len(runs)} runs, {total} stages -> {config.out}", flush=True)
+    call = stage_caller(config, args.in_process)
+    started = time.perf_counter()
+    try:
+        problems = execute(stages, call, total)
+        fingerprint = analysed_runs(planner, config.runs)
+        head = f"[{total}/{total}] report"
+        if not fingerprint:
+            print(f"{head}: no analysed run yet, nothing to report", flush=True)
+        elif report_is_current(config.out / "report", fingerprint):
+            print(f"{head}: {config.out / 'report'} already covers the {len(fingerprint)} analysed runs, skipped", flush=True)
+        else:
+            print(f"{head} of {len(fingerprint)} analysed runs", flush=True)
+            code = write_report(planner, config.runs, fingerprint, call)
+            if code != 0:
+                problems["report"] = f"failed (exit {code})"
+    except Interrupted:
+        print("sweep interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    elapsed = human_seconds(time.perf_counter() - started)
+    if problems:
+        print(f"sweep finished in {elapsed} with {len(problems)} problem(s):", file=sys.stderr)
+        for title, why in problems.items():
+            print(f"  {title}: {why}", file=sys.stderr)
+        return 1
+    print(f"sweep finished in {elapsed}: report in {config.out / 'report'}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlsae_cache.clitools import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="sweep.py", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="sweep config (.toml), e.g. sweeps/tiny.toml or sweeps/paper.toml")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (stages to do or skip, disk and time estimates); run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="run only the runs whose name matches this glob, e.g. 'pythia-70m/*' or '*-lens' (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.train_tokens=100_000_000 --set out=/scratch/sweep")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run each command in this Python process (faster start for small sweeps; no launcher)")
+    parser.add_argument("--size-table", action="store_true", help="print the README's table of Pythia sizes and estimated times")
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.size_table:
+        print(size_table())
+        return 0
+    if not args.config:
+        raise MlsaeError("give a sweep config, e.g. scripts/sweep.py sweeps/tiny.toml (or --size-table)")
+    return sweep(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

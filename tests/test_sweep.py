@@ -1,0 +1,252 @@
+"""scripts/sweep.py: the paper's grid, the dry-run plan, resuming a real tiny sweep, bad configs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import assert_one_line_error, build_tiny_model, write_english
+from safetensors.torch import load_file
+
+from mlsae_analysis.config import AnalyseConfig
+from mlsae_cache.cli import main as cache_main
+from mlsae_cache.clitools import add_dataclass_arguments, config_from_args
+from mlsae_cache.config import CacheConfig
+from mlsae_cache.lens_cli import LensTrainConfig
+from mlsae_train.checkpoint import CHECKPOINT_FILE, read_progress
+from mlsae_train.config import TrainConfig
+from mlsae_train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts" / "sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+sys.modules["sweep_script"] = sweep
+_spec.loader.exec_module(sweep)
+
+PLAN_LINE = re.compile(r"\[\d+/\d+\] (.+?)\s{2,}(to do|skip|resume)")  # a --dry-run line: stage, status
+PYTHIA_WIDTHS = {"pythia-70m": (6, 512), "pythia-160m": (12, 768), "pythia-410m": (24, 1024), "pythia-1b": (16, 2048),
+                 "pythia-1.4b": (24, 2048), "pythia-2.8b": (32, 2560)}  # fmt: skip
+
+
+def papers_runs() -> set[str]:
+    """The paper's experiments written out by hand (section 3, appendices A and D; table 1 has no lens for 1b)."""
+    runs = {f"{m}/R64-k32" for m in ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b")}
+    runs |= {f"{m}/R64-k32-lens" for m in ("pythia-70m", "pythia-160m", "pythia-410m")}
+    for model, suffix in (("pythia-70m", ""), ("pythia-160m", ""), ("pythia-70m", "-lens")):
+        runs |= {f"{model}/R{2**i}-k32{suffix}" for i in range(9)}  # R = 1 .. 256
+        runs |= {f"{model}/R64-k{2**i}{suffix}" for i in range(4, 10)}  # k = 16 .. 512
+    return runs
+
+
+def test_paper_config_expands_to_the_papers_runs_and_stages(tmp_path):
+    config = sweep.load_config(REPO / "sweeps" / "paper.toml", [f"out={tmp_path / 'paper'}"])
+    names = [run.name for run in config.runs]
+    assert len(names) == len(set(names)) == 48
+    assert set(names) == papers_runs()
+    stages = sweep.Planner(config).stages(config.runs)
+    kinds = [s.kind for s in stages]
+    assert (kinds.count("lens"), kinds.count("cache"), kinds.count("train"), kinds.count("analyse")) == (3, 18, 48, 48)
+    caches = {s.label: s for s in stages if s.kind == "cache"}
+    train_cache = caches["pythia-160m-lens train"].argv
+    assert train_cache[train_cache.index("--tokens") + 1] == "1000000000"
+    assert train_cache[train_cache.index("--lens") + 1] == str(tmp_path / "paper" / "lenses" / "pythia-160m")
+    assert caches["pythia-1b test"].argv[caches["pythia-1b test"].argv.index("--split") + 1] == "test"
+    # every stage comes after the stages it needs, and a run trains on its own model's cache
+    position = {id(s): i for i, s in enumerate(stages)}
+    assert all(position[id(n)] < position[id(s)] for s in stages for n in s.needs)
+    train = next(s for s in stages if s.label == "pythia-410m/R64-k32-lens" and s.kind == "train")
+    assert train.argv[train.argv.index("--shards") + 1] == str(tmp_path / "paper" / "caches" / "pythia-410m-lens" / "train")
+    assert train.argv[train.argv.index("--expansion-factor") + 1] == "64" and train.argv[train.argv.index("-k") + 1] == "32"
+    # every planned command line is one its command accepts, with the config's options in it
+    for stage in stages:
+        parsed = parse_like_the_command(stage)
+        assert Path(parsed.out) == stage.done_file.parent
+    assert parse_like_the_command(caches["pythia-70m train"]).model_dtype == "float16"
+    assert parse_like_the_command(train).verify is False and parse_like_the_command(train).batch_tokens == 131072
+    lens = next(s for s in stages if s.kind == "lens")
+    assert parse_like_the_command(lens).steps == 2000
+
+
+def parse_like_the_command(stage):
+    """The stage's command line parsed by the options of the command it runs (lens: after `train`)."""
+    cls = {"cache": CacheConfig, "train": TrainConfig, "analyse": AnalyseConfig, "lens": LensTrainConfig}[stage.kind]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_dataclass_arguments(parser, cls, short={"k": "-k"} if stage.kind == "train" else None)
+    return parser.parse_args(stage.argv[1:] if stage.kind == "lens" else stage.argv)
+
+
+def test_disk_estimate_is_tokens_times_layers_times_width(tmp_path):
+    for name, (layers, width) in PYTHIA_WIDTHS.items():
+        shape = sweep.model_shape(name)
+        assert (shape.n_layers, shape.d_model) == (layers, width)
+        assert sweep.cache_bytes(10**9, shape, "float16") == 10**9 * (layers * width * 2 + 16)
+        assert sweep.cache_bytes(10, shape, "float32") == 10 * (layers * width * 4 + 16)
+    assert sweep.model_shape("EleutherAI/pythia-70m-deduped") == sweep.model_shape("pythia-70m")
+    # a local model: read from its config.json; the parameter count is the architecture's, not a guess
+    local = tmp_path / "m"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "num_hidden_layers": 6, "hidden_size": 512,
+                                                   "num_attention_heads": 8, "intermediate_size": 2048}))  # fmt: skip
+    assert sweep.model_shape(str(local)) == sweep.ModelShape(6, 512, 6 * 12 * 512 * 512)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "paper"
+    code = sweep.main([str(REPO / "sweeps" / "paper.toml"), "--dry-run", "--set", f"out={out}", "--only", "pythia-70m/R64-k32",
+                       "--set", "data.train_tokens=100_000_000"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert "1 runs of 1 models (of 48 in the grid)" in printed
+    assert PLAN_LINE.findall(printed) == [("cache pythia-70m train", "to do"), ("cache pythia-70m test", "to do"),
+                                          ("train pythia-70m/R64-k32", "to do"), ("analyse pythia-70m/R64-k32", "to do"),
+                                          ("report 1 runs", "to do")]  # fmt: skip
+    train_bytes, test_bytes = 100_000_000 * (6 * 512 * 2 + 16), 10_000_000 * (6 * 512 * 2 + 16)
+    assert f"to do   {sweep.human_bytes(train_bytes)}" in printed  # 616.0 GB
+    assert f"caches {sweep.human_bytes(train_bytes + test_bytes)} in all" in printed
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep_config(pythia_tokenizer_dir, tmp_path_factory):
+    """A real sweep over a tiny GPT-NeoX: two good runs and one whose k exceeds its latents (16 < 32)."""
+    root = tmp_path_factory.mktemp("sweep")
+    model = build_tiny_model(root / "model", pythia_tokenizer_dir, n_layers=2, d_model=16, context=64)
+    train_text = write_english(root / "train", n_files=2, words_per_file=200, seed=1)
+    test_text = write_english(root / "test", n_files=1, words_per_file=100, seed=2)
+    config = root / "tiny.toml"
+    config.write_text(f"""
+out = "{root / 'out'}"
+[data]
+train_dataset = "{train_text}"
+test_dataset = "{test_text}"
+train_tokens = 192
+test_tokens = 64
+[cache]
+seq_len = 32
+batch_size = 2
+progress = false
+[train]
+batch_tokens = 64
+lr = 1e-3
+save_every_tokens = 64
+progress = false
+[analyse]
+downstream = false
+progress = false
+[[models]]
+name = "tiny"
+path = "{model}"
+[[grid]]
+models = ["tiny"]
+expansion_factor = [2, 4]
+k = 4
+[[grid]]
+models = ["tiny"]
+expansion_factor = 1
+k = 32
+""")
+    return config, root / "out"
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def train_from_argv(argv: list[str], **kwargs) -> None:
+    """mlsae-train's own parsing of a planned train stage's command line, then the trainer itself."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig, short={"k": "-k"})
+    train(config_from_args(TrainConfig, parser.parse_args(argv)), **kwargs)
+
+
+def test_sweep_runs_everything_then_skips_then_redoes_only_what_is_missing(tiny_sweep_config, tmp_path, capsys):
+    config_path, out = tiny_sweep_config
+    run = ["--in-process", str(config_path)]
+
+    # 0: the train cache exists and R4-k4 was killed after its first checkpoint (the trainer's test hook on the
+    #    sweep's own command line); the same command uninterrupted, elsewhere, gives the reference weights
+    config = sweep.load_config(config_path)
+    stages = {(s.kind, s.label): s for s in sweep.Planner(config).stages(config.runs)}
+    assert cache_main(stages["cache", "tiny train"].argv) == 0
+    r4 = stages["train", "tiny/R4-k4"]
+    train_from_argv(r4.argv, stop_after_steps=1)
+    progress = read_progress(r4.done_file.parent / CHECKPOINT_FILE)
+    assert r4.done_file.exists() and progress["step"] == 1 < progress["total_steps"]  # an unfinished run's weights
+    reference = tmp_path / "reference"
+    train_from_argv([str(reference) if a == str(r4.done_file.parent) else a for a in r4.argv])
+    assert sweep.main([*run, "--dry-run"]) == 0
+    plan = dict(PLAN_LINE.findall(capsys.readouterr().out))
+    assert plan["cache tiny train"] == "skip" and plan["cache tiny test"] == "to do" and plan["train tiny/R4-k4"] == "resume"
+
+    # 1: everything else runs; R4-k4 resumes to the uninterrupted weights; the impossible run fails, is
+    #    listed, and the others go on to the report
+    assert sweep.main(run) == 1
+    captured = capsys.readouterr()
+    assert "train tiny/R1-k32: failed (exit 2)" in captured.err and "analyse tiny/R1-k32: not run: train tiny/R1-k32 failed" in captured.err
+    assert "-k 32 is more than the 16 latents" in captured.err
+    commands = [line for line in captured.out.splitlines() if line.startswith("  $ ")]
+    assert [c.split()[1] for c in commands] == ["mlsae-cache", *["mlsae-train", "mlsae-analyse"] * 2, "mlsae-train", "mlsae-analyse"]
+    assert [c.endswith("--resume") for c in commands if "mlsae-train" in c] == [False, True, False]
+    resumed, uninterrupted = load_file(r4.done_file), load_file(reference / "sae.safetensors")
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
+    for name in ("R2-k4", "R4-k4"):
+        assert (out / "runs" / "tiny" / name / "sae.safetensors").exists()
+        assert json.loads((out / "analysis" / "tiny" / name / "summary.json").read_text())["n_latents"] == int(name[1]) * 16
+    report_runs = json.loads((out / "report" / sweep.REPORT_RUNS_FILE).read_text())
+    assert sorted(report_runs) == ["tiny/R2-k4", "tiny/R4-k4"]
+    assert len((out / "report" / "tables.csv").read_text().strip().splitlines()) == 1 + 2
+
+    # 2: the good runs again: every stage is skipped and nothing is rewritten
+    good = [*run, "--only", "tiny/*-k4"]
+    before = mtimes(out)
+    assert sweep.main(good) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 6 + 1 and "$ " not in printed  # 2 caches, 2 trains, 2 analyses, the report
+    assert mtimes(out) == before
+
+    # 3: one analysis deleted: only it and the report are redone
+    shutil.rmtree(out / "analysis" / "tiny" / "R2-k4")
+    assert sweep.main([*good, "--dry-run"]) == 0
+    plan = dict(PLAN_LINE.findall(capsys.readouterr().out))
+    assert len(plan) == 7 and plan["analyse tiny/R2-k4"] == "to do" and plan["report 2 runs"] == "to do"
+    assert sum(status == "skip" for status in plan.values()) == 5
+    assert sweep.main(good) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("  $ ")] == ["mlsae-analyse", "mlsae-analyse"]
+    after = mtimes(out)
+    redone = {p for p in after if after[p] != before.get(p)}
+    assert redone and all(p.startswith(("analysis/tiny/R2-k4/", "report/")) for p in redone), redone
+    assert "report/tables.csv" in redone and not any(p.startswith("analysis/tiny/R4-k4/") for p in redone)
+
+
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (lambda t: t.replace('out = ', 'outdir = "x"\nout = '), ["unknown key 'outdir'"]),
+        (lambda t: t.replace("[train]\n", "[train]\nbatch_size = 8\n"), ["[train] has no option 'batch_size'"]),
+        (lambda t: t.replace("[train]\n", "[train]\nepochs = \"two\"\n"), ["[train] epochs = 'two' has the wrong type"]),
+        (lambda t: t.replace("[train]\n", "[train]\nk = 8\n"), ["[train] k is set by the sweep"]),
+        (lambda t: t.replace('models = ["tiny"]\nexpansion_factor = 1', 'models = ["tiny", "pythia-9b"]\nexpansion_factor = 1'),
+         ["names model 'pythia-9b'", "no [[models]] entry"]),
+        (lambda t: t.replace("[[models]]", "[[modelz]]"), ["unknown key 'modelz'"]),
+        (lambda t: t.split("[[models]]")[0], ["no models"]),
+    ],
+)
+def test_bad_config_is_one_line_and_nonzero(edit, fragments, tiny_sweep_config, tmp_path, capsys):
+    config, _ = tiny_sweep_config
+    bad = tmp_path / "bad.toml"
+    bad.write_text(edit(config.read_text()).replace(str(config.parent / "out"), str(tmp_path / "out")))
+    assert sweep.main([str(bad)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(bad), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_that_matches_nothing_is_one_line(capsys):
+    assert sweep.main([str(REPO / "sweeps" / "paper.toml"), "--dry-run", "--only", "gpt2/*"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--only gpt2/* matches none of the 48 runs")
