@@ -110,6 +110,30 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+# Attribute names of the final norm on a base model (Llama/Mistral, GPT-NeoX, GPT-2/GPT-J/Bloom, Falcon/Phi, Mamba)
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
+def final_norm_of(model: nn.Module) -> nn.Module:
+    """The norm applied to the last block's output before the unembedding (on the base model or its decoder)."""
+    body = getattr(model, "base_model", model)
+    for holder in (body, getattr(body, "decoder", None)):
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(holder, name, None) if holder is not None else None
+            if isinstance(module, nn.Module):
+                return module
+    raise MlsaeError(f"cannot find the final norm of {type(model).__name__}; this architecture is not supported for a tuned lens")
+
+
+def unembedding_of(model: nn.Module) -> nn.Linear:
+    """The linear map from the final normed hidden state to the logits (``lm_head`` / ``embed_out``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    unembedding = get() if callable(get) else None
+    if not isinstance(unembedding, nn.Linear):
+        raise MlsaeError(f"{type(model).__name__} has no linear unembedding (lm_head); load a causal language model")
+    return unembedding
+
+
 class _StopForward(Exception):
     """Raised from a hook once every requested block has run: the rest of the model is skipped."""
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import shard_format as sf
 from .config import CacheConfig
 from .errors import MlsaeError
-from .lens import Lens, load_lens
+from .lens import Lens, load_lens_for_model
 from .lm import ResidualReader, context_length_of, d_model_of, load_model, load_tokenizer, n_layers_of, resolve_model_name
 from .text import iter_dataset_sequences, special_token_ids
 from .writer import CacheWriter, check_or_claim_directory, finalize_cache
@@ -123,7 +123,7 @@ def build_cache(config: CacheConfig) -> dict | None:
     if context is not None and config.seq_len > context:
         raise MlsaeError(f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use --seq-len {context} or less")
     layers = parse_layers(config.layers, n_layers)
-    lens: Lens | None = load_lens(config.lens, n_layers, d_model) if config.lens else None
+    lens: Lens | None = load_lens_for_model(config.lens, model, model_name) if config.lens else None
 
     identity = {
         "format_version": sf.FORMAT_VERSION,
