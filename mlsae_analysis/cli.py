@@ -20,8 +20,8 @@ import torch
 
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.lens import Lens, load_lens
-from mlsae_cache.lm import d_model_of, load_model, load_tokenizer, n_layers_of
+from mlsae_cache.lens import Lens, load_lens_for_model
+from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
 
 from . import plots
 from .config import AnalyseConfig
@@ -29,10 +29,12 @@ from .downstream import downstream_metrics, kept_positions, make_reconstructor
 from .encode import TOKENS_FILE, encode_cache, scan_latents
 from .examples import top_examples
 from .files import atomic_write, write_csv, write_parquet
+from .html_report import write_analysis_html
 from .inputs import RunAndCache, open_run_and_cache
-from .layer_distributions import latent_layer_table, layer_distributions, layer_statistics, variance_ratios
+from .layer_distributions import latent_layer_table, layer_statistics, variance_ratios, write_layer_distributions
 from .metrics import ReconstructionMetrics
-from .mmcs import mmcs
+from .mmcs import mean_and_std
+from .neighbours import NEIGHBOURS_FILE, decoder_neighbours
 from .prompt import prompt_latents, prompt_tokens
 from .residual import ResidualStatistics
 from .single_prompt import single_prompt_layer_table
@@ -67,7 +69,7 @@ def _load_language_model(config: AnalyseConfig, data: RunAndCache):
     lens_entry = data.cache.manifest.get("lens")
     lens: Lens | None = None
     if lens_entry:
-        lens = load_lens(lens_entry["path"], n_layers_of(model), d_model_of(model))
+        lens = load_lens_for_model(lens_entry["path"], model, str(name))
         if lens.sha256 != lens_entry.get("params_sha256"):
             raise MlsaeError(f"the lens at {lens_entry['path']} changed since the cache was written; restore it or rebuild the cache")
     return model, tokenizer, lens
@@ -119,8 +121,12 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
     curves = [c for c in PER_LAYER_CURVES if per_layer[c].is_not_nan().any()]
     plots.plot_per_layer_curves(per_layer, curves, out / "metrics", series=None, log_metrics=("mse",))
 
-    # mmcs.csv (Table 2)
-    mmcs_mean, mmcs_std = mmcs(sae.W_dec.detach(), config.mmcs_chunk)
+    # neighbours.parquet (the HTML browser) and mmcs.csv (Table 2) from one chunked search:
+    # each latent's most similar other decoder row is its rank-0 neighbour
+    neighbours = decoder_neighbours(sae.W_dec.detach(), chunk_size=config.mmcs_chunk, progress=config.progress)
+    write_parquet(neighbours, out / NEIGHBOURS_FILE)
+    nearest = neighbours.filter(pl.col("rank") == 0).sort("latent")["cosine"]
+    mmcs_mean, mmcs_std = mean_and_std(torch.tensor(nearest.to_numpy()))
     write_csv(pl.DataFrame({"n_latents": [sae.n_latents], "mmcs_mean": [mmcs_mean], "mmcs_std": [mmcs_std]}), out / "mmcs.csv")
 
     # residual.csv, figs 1 and 4
@@ -131,13 +137,15 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
 
     # distributions over layers: eq. 10 per (token, latent, layer), per-latent table (fig 2), ratios (fig 5)
     latents = scan_latents(latents_dir)
-    atomic_write(out / "layer_distributions.parquet", lambda tmp: layer_distributions(latents).sink_parquet(tmp))
+    atomic_write(out / "layer_distributions.parquet", lambda tmp: write_layer_distributions(latents, tmp))
     stats = layer_statistics(latents, n_layers)
     latent_table = latent_layer_table(stats)
     write_parquet(latent_table, out / "latent_layers.parquet")
-    plots.plot_layer_heatmap(latent_table, out / "heatmap", title=f"{data.cache.manifest.get('model')}: P(L | J)")
-    ratios = variance_ratios(stats)
     label = Path(str(data.cache.manifest.get("model"))).name
+    lens_note = " + tuned lens" if data.cache.manifest.get("lens") else ""
+    heatmap_title = f"{label}{lens_note}, R={sae.n_latents // sae.d_model}, k={sae.k}: P(L | J) over {n_tokens:,} tokens"
+    plots.plot_layer_heatmap(latent_table, out / "heatmap", title=heatmap_title)
+    ratios = variance_ratios(stats)
     ratios_table = pl.DataFrame([{"model": label, **ratios}])
     write_csv(ratios_table, out / "variance_ratios.csv")
     plots.plot_variance_ratios(ratios_table, out / "variance_ratios")
@@ -148,12 +156,11 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
         prompt_table = single_prompt_layer_table(rows, n_layers)
         write_csv(prompt_table, out / "single_prompt.csv")
         if prompt_table.height:
-            plots.plot_layer_heatmap(prompt_table, out / "single_prompt", title=config.prompt,
+            plots.plot_layer_heatmap(prompt_table, out / "single_prompt", title=f"Single prompt: \"{config.prompt}\"",
                                      value_label="P(L = layer | prompt, J)")  # fmt: skip
 
     # examples.parquet
-    tokens = pl.read_parquet(latents_dir / TOKENS_FILE)
-    examples = top_examples(latents, tokens, config.n_examples, config.context_tokens)
+    examples = top_examples(latents, pl.scan_parquet(latents_dir / TOKENS_FILE), config.n_examples, config.context_tokens)
     if tokenizer is not None:
         examples = examples.with_columns(
             context_text=pl.Series([tokenizer.decode(ids) for ids in examples["context_ids"].to_list()], dtype=pl.String)
@@ -191,11 +198,12 @@ def _analyse_main(argv: Sequence[str] | None) -> int:
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         analyse(config, partial)
+        write_analysis_html(partial, progress=config.progress)
         os.rename(partial, out)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out} (open {out / 'report.html'} in a browser)", file=sys.stderr)
     return 0
 
 

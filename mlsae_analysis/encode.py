@@ -8,6 +8,7 @@ the consumers (reconstruction metrics, residual statistics), so the cache is rea
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -55,29 +56,48 @@ def encode_cache(
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Encode the first ``n_tokens`` tokens of the cache; returns the latents directory."""
+    """Encode the first ``n_tokens`` tokens of the cache; returns the latents directory.
+
+    The next batch is read from the cache and the previous batch's latents are written to parquet in
+    two helper threads while the SAE encodes the current batch (both release the GIL for their I/O and
+    conversions), so the pass runs at the speed of the encoder.
+    """
     latents_dir = Path(out) / LATENTS_DIR
     latents_dir.mkdir(parents=True, exist_ok=True)
     sae = data.sae.to(device)
     columns = data.layer_columns
     all_columns = columns == list(range(data.cache.n_layers))
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="encode", disable=not progress)
-    for part, start in enumerate(range(0, n_tokens, batch_tokens)):
-        stop = min(start + batch_tokens, n_tokens)
-        acts = data.cache.read_range(start, stop)  # [B, nC, d] all cached layers
-        if not all_columns:
-            acts = acts[:, columns]  # [B, nL, d] the SAE's layers
-        x = torch.from_numpy(np.ascontiguousarray(acts)).to(device)  # [B, nL, d]
-        recon = sae.reconstruct(x)
-        shape = x.shape[:2]
-        x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
-        values = recon.values.view(*shape, -1)  # [B, nL, k]
-        indices = recon.indices.view(*shape, -1)  # [B, nL, k]
-        for consumer in consumers:
-            consumer.update(x, x_hat, values, indices)
+
+    def read(start: int) -> np.ndarray:
+        acts = data.cache.read_range(start, min(start + batch_tokens, n_tokens))  # [B, nC, d] all cached layers
+        return acts if all_columns else np.ascontiguousarray(acts[:, columns])  # [B, nL, d] the SAE's layers
+
+    def write(part: int, start: int, values: torch.Tensor, indices: torch.Tensor) -> None:
         write_parquet(sparse_rows(start, values, indices), latents_dir / f"part-{part:05d}.parquet")
-        bar.update(stop - start)
-    bar.close()
+
+    starts = list(range(0, n_tokens, batch_tokens))
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="encode", disable=not progress)
+    with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        next_acts = reader.submit(read, starts[0]) if starts else None
+        written: Future | None = None
+        for part, start in enumerate(starts):
+            acts = next_acts.result()  # type: ignore[union-attr]
+            if part + 1 < len(starts):
+                next_acts = reader.submit(read, starts[part + 1])
+            x = torch.from_numpy(acts).to(device)  # [B, nL, d]
+            recon = sae.reconstruct(x)
+            shape = x.shape[:2]
+            x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
+            values = recon.values.view(*shape, -1)  # [B, nL, k]
+            indices = recon.indices.view(*shape, -1)  # [B, nL, k]
+            for consumer in consumers:
+                consumer.update(x, x_hat, values, indices)
+            if written is not None:
+                written.result()  # at most one part in flight; raises the writer's error here
+            written = writer.submit(write, part, start, values.cpu(), indices.cpu())
+            bar.update(x.shape[0])
+        if written is not None:
+            written.result()
     tokens = data.cache.token_table().head(n_tokens).with_row_index("token").with_columns(pl.col("token").cast(pl.Int64))
     write_parquet(tokens, latents_dir / TOKENS_FILE)
     return latents_dir

@@ -52,7 +52,9 @@ TokenStrings = Callable[[Sequence[int]], list[str]]
 
 # What each known file shows; unknown CSVs and PNGs are shown too, titled by file name.
 TABLE_TITLES = {
-    "tables.csv": "Mean metrics and MMCS per run (Tables 1 and 2)",
+    "table1.csv": "Table 1: mean metrics per model at the reference R and k",
+    "table2.csv": "Table 2: mean max cosine similarity of decoder rows per model",
+    "tables.csv": "Mean metrics, MMCS and variance ratios, every run",
     "metrics.csv": "Reconstruction and downstream metrics per layer (Table 1)",
     "mmcs.csv": "Mean max cosine similarity of decoder rows (Table 2)",
     "variance_ratios.csv": "Variance ratios of the layer distributions (eqs. 11, 12)",
@@ -64,10 +66,15 @@ FIGURE_TITLES = {
     "heatmap": "P(L | J) per latent, latents sorted by E[L] (fig. 2)",
     "single_prompt": "Latents active on the single prompt (fig. 3)",
     "metrics": "Metrics per layer (figs. 9-11)",
-    "per_layer": "Metrics against relative layer, every run (figs. 9-11, 13)",
+    "per_layer": "Metrics against relative layer, every run (figs. 9-11)",
+    "heatmaps": "P(L | J) per latent for every run, latents sorted by E[L] (figs. 2, 7)",
+    "variance_ratios_vs_expansion_factor": "Variance ratios against the expansion factor R (fig. 5)",
+    "variance_ratios_vs_k": "Variance ratios against k (fig. 5)",
+    "mmcs_vs_expansion_factor": "MMCS against the expansion factor R, with and without the tuned lens (fig. 13)",
+    "mmcs_vs_k": "MMCS against k, with and without the tuned lens (fig. 13)",
     "residual_cos_next": "Cosine similarity of adjacent residual layers (fig. 1)",
     "residual_norm": "Mean residual norm per layer (fig. 4)",
-    "variance_ratios": "Variance ratios (figs. 5, 6)",
+    "variance_ratios": "Variance ratios, with and without the tuned lens (figs. 5, 6)",
 }
 
 

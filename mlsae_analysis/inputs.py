@@ -6,11 +6,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from mlsae_cache import open_cache
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.reader import Cache
 from mlsae_train import MultiLayerSAE, load_sae
-from mlsae_train.checkpoint import CONFIG_FILE
+from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE
 
 
 @dataclass
@@ -41,12 +43,29 @@ def read_run_info(run: Path) -> dict:
         raise MlsaeError(f"{config_file} is not valid JSON; point --run at an intact run directory") from None
 
 
+def _load_trained_sae(run: Path) -> MultiLayerSAE:
+    """load_sae, with an unfinished run or an unreadable file reported as one line."""
+    file = run / SAE_FILE if run.is_dir() else run
+    if run.is_dir() and not file.exists() and (run / CHECKPOINT_FILE).exists():
+        raise MlsaeError(
+            f"the run {run} has not finished training ({CHECKPOINT_FILE} but no {SAE_FILE}); "
+            "finish it with mlsae-train --resume, or point --run at a finished run"
+        )
+    try:
+        return load_sae(run)
+    except MlsaeError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MlsaeError(f"{file} is not a readable SAE checkpoint ({reason}); train it again or restore the file") from None
+
+
 def open_run_and_cache(run: str | Path, shards: str | Path) -> RunAndCache:
     """Load both and check that the cache holds the model, width, layers and lens the SAE was trained on."""
     run = Path(run)
     if not run.exists():
         raise MlsaeError(f"--run {run} does not exist; point it at a run directory written by mlsae-train")
-    sae = load_sae(run)
+    sae = _load_trained_sae(run)
     cache = open_cache(shards)
     info = read_run_info(run)
     if sae.d_model != cache.d_model:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
@@ -90,6 +91,25 @@ def _with_layer_prob(rows: pl.LazyFrame, pair: str | Sequence[str]) -> pl.LazyFr
 def layer_distributions(latents: Latents) -> pl.LazyFrame:
     """Eq. 10 for every active (token, latent): columns token, latent, layer, prob (summing to 1 over layers)."""
     return _with_layer_prob(checked_latents(latents), _PAIR).select("token", "latent", "layer", "prob")
+
+
+def write_layer_distributions(latents: Latents, path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
+    """Write ``layer_distributions(latents)`` to one parquet file, one batch of whole tokens at a time.
+
+    polars runs the window over (token, latent) pairs in memory, so sinking layer_distributions()
+    directly holds every row; latents in ascending token order (as mlsae-analyse stores them) are
+    written batch by batch instead, with flat memory. Latents out of token order are sorted in memory.
+    """
+    import pyarrow.parquet as pq  # a dependency of polars' to_arrow and of datasets
+
+    rows = checked_latents(latents)
+    schema = layer_distributions(rows.head(0)).collect().to_arrow().schema
+    try:
+        with pq.ParquetWriter(str(path), schema) as writer:
+            for batch in _token_ordered_batches(rows, batch_rows):
+                writer.write_table(layer_distributions(batch).collect().to_arrow())
+    except _NotTokenOrdered:
+        layer_distributions(rows.sort("token", maintain_order=True)).sink_parquet(path)
 
 
 # --------------------------------------------------------------------------------------------------

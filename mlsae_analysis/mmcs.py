@@ -56,7 +56,12 @@ def max_cosine_similarity(W_dec: torch.Tensor, chunk_size: int = 4096) -> torch.
 
 def mmcs(W_dec: torch.Tensor, chunk_size: int = 4096) -> tuple[float, float]:
     """Mean and (population) standard deviation over rows of the max cosine similarity with another row."""
-    best = max_cosine_similarity(W_dec, chunk_size).double()  # [n]
+    return mean_and_std(max_cosine_similarity(W_dec, chunk_size))
+
+
+def mean_and_std(best: torch.Tensor) -> tuple[float, float]:
+    """MMCS from the per-row max cosine similarities [n] (also the rank-0 column of neighbours.parquet)."""
+    best = best.double()
     return float(best.mean()), float(best.std(correction=0))
 
 

@@ -70,6 +70,8 @@ def main() -> int:
         if not (analysis / "summary.json").exists():
             run("mlsae_analysis.cli", "--run", str(run_dir), "--shards", str(out / "cache-test"), "--out", str(analysis),
                 "--downstream-sequences", str(args.splice_sequences))  # fmt: skip
+        if not (analysis / "report.html").exists():  # an analysis written before the HTML report existed
+            run("mlsae_analysis.html_report", str(analysis), "--run", str(run_dir))
     except subprocess.CalledProcessError as exc:
         print(f"demo: a stage failed (exit {exc.returncode}); fix what it said and run the demo again to resume", file=sys.stderr)
         return 1
@@ -89,6 +91,7 @@ def print_summary(out: Path, analysis: Path) -> None:
     print(f"  caches : {out / 'cache-train'}  {out / 'cache-test'}")
     print(f"  MLSAE  : {out / 'run'}")
     print(f"  tables and figures: {analysis}  (metrics.csv, variance_ratios.csv, heatmap.png, ...)")
+    print(f"  report : {analysis / 'report.html'}  (tables, figures and a latent browser; open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from models import assert_one_line_error
 
 from mlsae_analysis import variance_ratios
 from mlsae_analysis.cli import main as analyse_main
+from mlsae_analysis.examples import top_activations, top_examples
 from mlsae_analysis.metrics import ReconstructionMetrics
 from mlsae_cache.writer import write_array_cache
 from mlsae_train import MultiLayerSAE, save_sae
@@ -185,3 +186,51 @@ def test_report_gathers_analysed_runs(cache_dir, run_file, tmp_path, capsys):
     assert analyse_main(["report", str(tmp_path), "--out", str(tmp_path / "report2")]) == 2
     assert_one_line_error(capsys.readouterr().err, "summary.json")
     assert not (tmp_path / "report2").exists()
+
+
+def test_float32_per_token_sums_stay_exact_for_large_offsets():
+    """Activations far from zero (mean 300, spread 1, as in late layers): the accumulator's float32
+    per-token sums and float64 totals match float64 brute force."""
+    rng = np.random.default_rng(3)
+    x = (300 + rng.normal(size=(2000, 2, 64))).astype(np.float32)  # [N, nL, d]
+    x_hat = (x + 0.05 * rng.normal(size=x.shape)).astype(np.float32)
+    values = torch.from_numpy(rng.random((2000, 2, 4)).astype(np.float32))
+    indices = torch.from_numpy(rng.integers(0, 50, size=(2000, 2, 4)))
+    metrics = ReconstructionMetrics(2, 64, 50)
+    for start in range(0, 2000, 300):
+        part = slice(start, start + 300)
+        metrics.update(torch.from_numpy(x[part]), torch.from_numpy(x_hat[part]), values[part], indices[part])
+    x64, err = x.astype(np.float64), x.astype(np.float64) - x_hat.astype(np.float64)
+    fvu = (err**2).sum(axis=(0, 2)) / ((x64 - x64.mean(axis=0)) ** 2).sum(axis=(0, 2))
+    np.testing.assert_allclose(metrics.per_layer()["fvu"], fvu, rtol=1e-6)
+    np.testing.assert_allclose(metrics.per_layer()["l1"], values.double().sum(dim=2).mean(dim=0).numpy(), rtol=1e-6)
+
+
+def test_top_examples_against_brute_force():
+    """Top activations per latent with their contexts, streamed in small batches, against a direct search;
+    the token table has several sequences and missing (special) positions."""
+    rng = np.random.default_rng(4)
+    n_tokens, n_layers, k, n_latents, n_examples, context = 400, 3, 3, 20, 4, 2
+    token = np.repeat(np.arange(n_tokens), n_layers * k)
+    layer = np.tile(np.repeat(np.arange(n_layers), k), n_tokens)
+    latent = rng.integers(0, n_latents, token.size)
+    activation = rng.permutation(token.size).astype(np.float32) / token.size  # distinct: no ties
+    activation[rng.random(token.size) < 0.2] = 0.0  # not active: never an example
+    latents = pl.DataFrame({"token": token, "layer": layer.astype(np.int16), "latent": latent.astype(np.int32),
+                            "activation": activation})  # fmt: skip
+    kept = np.sort(rng.choice(12 * 50, n_tokens, replace=False))  # 12 sequences of 50 positions, some absent
+    tokens = pl.DataFrame({"token": np.arange(n_tokens), "sequence": kept // 50, "position": (kept % 50).astype(np.int32),
+                           "token_id": rng.integers(0, 1000, n_tokens).astype(np.int32)})  # fmt: skip
+
+    got = top_examples(latents.lazy(), tokens.lazy(), n_examples, context)
+    assert top_activations(latents.lazy(), n_examples, batch_rows=97).equals(top_activations(latents.lazy(), n_examples))
+    by_token = {row["token"]: row for row in tokens.iter_rows(named=True)}
+    expected = []
+    for j in range(n_latents):
+        rows = sorted((-a, t, l) for t, l, lat, a in zip(token, layer, latent, activation) if lat == j and a > 0)
+        for rank, (neg_activation, t, l) in enumerate(rows[:n_examples]):
+            seq, pos = by_token[t]["sequence"], by_token[t]["position"]
+            near = [r for r in tokens.iter_rows(named=True) if r["sequence"] == seq and abs(r["position"] - pos) <= context]
+            expected.append((j, rank, t, l, -neg_activation, [r["token_id"] for r in near], [r["token"] for r in near].index(t)))
+    columns = ["latent", "rank", "token", "layer", "activation", "context_ids", "context_offset"]
+    assert got.sort("latent", "rank").select(columns).rows() == expected

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae_analysis.mmcs import max_cosine_similarity, mmcs, nearest_neighbours
+from mlsae_analysis.mmcs import max_cosine_similarity, mean_and_std, mmcs, nearest_neighbours
+from mlsae_analysis.neighbours import decoder_neighbours
 from mlsae_cache.errors import MlsaeError
 
 
@@ -84,3 +85,12 @@ def test_user_errors() -> None:
     with pytest.raises(MlsaeError, match="latent indices"):
         nearest_neighbours(torch.eye(3), [3], k=1)
 
+
+
+def test_mmcs_from_the_neighbours_table_equals_mmcs():
+    """mlsae-analyse takes MMCS from neighbours.parquet's rank-0 column: the same numbers as mmcs()."""
+    W_dec = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    table = decoder_neighbours(W_dec, chunk_size=64, progress=False)
+    nearest = table.filter(table["rank"] == 0).sort("latent")["cosine"].to_numpy()
+    np.testing.assert_allclose(nearest, max_cosine_similarity(W_dec, chunk_size=64).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(mean_and_std(torch.tensor(nearest)), mmcs(W_dec), rtol=1e-6)
