@@ -8,8 +8,6 @@ gathers several analysed runs (see report.py).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +26,7 @@ from .config import AnalyseConfig
 from .downstream import downstream_metrics, kept_positions, make_reconstructor
 from .encode import TOKENS_FILE, encode_cache, scan_latents
 from .examples import top_examples
-from .files import atomic_write, write_csv, write_parquet
+from .files import atomic_write, write_csv, write_fresh_directory, write_parquet
 from .html_report import write_analysis_html
 from .inputs import RunAndCache, open_run_and_cache
 from .layer_distributions import latent_layer_table, layer_statistics, variance_ratios, write_layer_distributions
@@ -191,18 +189,12 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
 def _analyse_main(argv: Sequence[str] | None) -> int:
     config: AnalyseConfig = config_from_args(AnalyseConfig, build_parser().parse_args(argv))
     out = Path(config.out)
-    if out.exists():
-        raise MlsaeError(f"--out {out} already exists; choose a new directory or remove it")
-    if not out.parent.is_dir():
-        raise MlsaeError(f"the parent directory of --out {out} does not exist; create it first")
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
+
+    def fill(partial: Path) -> None:
         analyse(config, partial)
         write_analysis_html(partial, progress=config.progress)
-        os.rename(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+
+    write_fresh_directory(out, fill)
     print(f"wrote {out} (open {out / 'report.html'} in a browser)", file=sys.stderr)
     return 0
 

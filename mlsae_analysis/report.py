@@ -22,9 +22,7 @@ Writes into --out (tables as CSV, figures as PNG + PDF):
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +32,7 @@ from mlsae_cache.clitools import OneLineErrorParser
 from mlsae_cache.errors import MlsaeError
 
 from . import plots
-from .files import write_csv
+from .files import write_csv, write_fresh_directory
 from .html_report import write_sweep_html
 
 STANDARD, TUNED_LENS = "standard", "tuned lens"
@@ -272,19 +270,12 @@ def report_main(argv: Sequence[str]) -> int:
     parser.add_argument("runs", nargs="+", help="directories written by mlsae-analyse")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists():
-        raise MlsaeError(f"--out {out} already exists; choose a new directory or remove it")
-    if not out.parent.is_dir():
-        raise MlsaeError(f"the parent directory of --out {out} does not exist; create it first")
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        runs = [Path(r) for r in args.runs]
+    runs = [Path(r) for r in args.runs]
+
+    def fill(partial: Path) -> None:
         report(runs, partial)
         write_sweep_html(partial, runs)  # relative links: partial and out are siblings
-        os.rename(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+
+    write_fresh_directory(Path(args.out), fill)
     return 0
 
