@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mlsae_cache.errors import MlsaeError
 
@@ -71,6 +72,7 @@ def nearest_neighbours(
     latents: Sequence[int] | torch.Tensor,
     k: int,
     chunk_size: int = 4096,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k decoder rows most cosine-similar to each given latent's row, itself excluded.
 
@@ -87,7 +89,8 @@ def nearest_neighbours(
     indices = torch.empty((query.numel(), k), dtype=torch.long, device=unit.device)  # [m, k]
     similarities = torch.empty((query.numel(), k), dtype=unit.dtype, device=unit.device)  # [m, k]
     block = torch.empty((min(chunk_size, query.numel()), n), dtype=unit.dtype, device=unit.device)  # [chunk, n]
-    for start in range(0, query.numel(), chunk_size):
+    starts = range(0, query.numel(), chunk_size)
+    for start in tqdm(starts, desc="decoder neighbours", unit="chunk", disable=not progress):
         chunk = query[start : start + chunk_size]  # [c]
         similarity = torch.mm(unit[chunk], unit.T, out=block[: chunk.numel()])  # [c, n]
         similarity[torch.arange(chunk.numel(), device=unit.device), chunk] = -torch.inf

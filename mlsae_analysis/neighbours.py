@@ -1,7 +1,7 @@
 """Nearest decoder neighbours of every latent: the k other latents whose decoder rows are most cosine-similar.
 
 The search itself is ``mmcs.nearest_neighbours`` (chunked: one [chunk_size, n_latents] block at a
-time, never the n x n matrix); this module runs it over all latents with a progress bar and stores
+time, never the n x n matrix); this module runs it once over all latents and stores
 the result as a long table, neighbours.parquet, beside the other tables of an analysis:
 
     latent (Int32), rank (Int8, 0 = most similar), neighbour (Int32), cosine (Float32)
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from mlsae_cache.errors import MlsaeError
 
@@ -34,15 +33,8 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int = DEFAULT_K, chunk_size: int 
     if n < 2:
         raise MlsaeError(f"the decoder has {n} latent(s); neighbours need at least 2")
     k = min(k, n - 1)
-    W_dec = W_dec.detach()
-    indices = torch.empty((n, k), dtype=torch.long)  # [n, k]
-    cosines = torch.empty((n, k), dtype=torch.float32)  # [n, k]
-    # nearest_neighbours chunks internally too; calling it per chunk only adds the progress bar.
-    for start in tqdm(range(0, n, chunk_size), desc="decoder neighbours", unit="chunk", disable=not progress):
-        latents = torch.arange(start, min(start + chunk_size, n), device=W_dec.device)  # [c]
-        chunk_indices, chunk_cosines = nearest_neighbours(W_dec, latents, k, chunk_size)  # [c, k] each
-        indices[start : start + latents.numel()] = chunk_indices.cpu()
-        cosines[start : start + latents.numel()] = chunk_cosines.float().cpu()
+    indices, cosines = nearest_neighbours(W_dec.detach(), torch.arange(n, device=W_dec.device), k, chunk_size, progress)
+    indices, cosines = indices.cpu(), cosines.float().cpu()  # [n, k] each
     return pl.DataFrame(
         {
             "latent": torch.arange(n).repeat_interleave(k).numpy(),
