@@ -20,6 +20,7 @@ from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, co
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.lens import Lens, load_lens_for_model
 from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
+from mlsae_train.screened_topk import bf16_matmul_is_fast
 
 from . import plots
 from .config import AnalyseConfig
@@ -95,7 +96,10 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
     recon = ReconstructionMetrics(n_layers, sae.d_model, sae.n_latents)
     layer_means = data.cache.layer_means()[data.layer_columns]  # [nL, d]
     residual = ResidualStatistics(layers, layer_means)
-    latents_dir = encode_cache(data, out, n_tokens, [recon, residual], config.batch_tokens, config.device, config.progress)
+    screen = config.screen == "on" or (config.screen == "auto" and bf16_matmul_is_fast(config.device))
+    latents_dir = encode_cache(
+        data, out, n_tokens, [recon, residual], config.batch_tokens, config.device, config.progress, screen
+    )
 
     # metrics.csv (Table 1) and figs 9-11
     per_layer = pl.DataFrame({"layer": layers, "layer_index": list(range(n_layers)), **recon.per_layer()})
@@ -177,6 +181,7 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
         "expansion_factor": sae.n_latents // sae.d_model,
         "k": sae.k,
         "n_tokens": n_tokens,
+        "encode_kernel": "bfloat16 screen + float32 candidates" if screen else "float32",
         "metrics_mean": {k: v for k, v in mean.items() if k != "layer"},
         "mmcs_mean": mmcs_mean,
         "mmcs_std": mmcs_std,

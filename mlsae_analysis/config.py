@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mlsae_cache.errors import MlsaeError
 
 DEFAULT_PROMPT = "When John and Mary went to the store, John gave"
+SCREEN_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class AnalyseConfig:
     device: str = "cpu"
     """Device for the SAE and the language model (cpu or cuda)."""
 
+    screen: Literal["auto", "on", "off"] = "auto"
+    """Top-k kernel of the encode pass: 'on' picks each vector's candidates with a bfloat16 matmul and
+    recomputes them in float32 (the same latents and values as float32, ~2x faster on AMX CPUs and GPUs),
+    'off' uses the trainer's float32 kernel, 'auto' screens where bfloat16 matmuls are fast."""
+
     progress: bool = True
     """Show progress bars."""
 
@@ -71,5 +78,7 @@ class AnalyseConfig:
         for flag, value in positive.items():
             if not value > 0:
                 raise MlsaeError(f"{flag} must be positive, got {value}")
+        if self.screen not in SCREEN_CHOICES:
+            raise MlsaeError(f"--screen must be one of {', '.join(SCREEN_CHOICES)}, got {self.screen!r}")
         if self.context_tokens < 0:
             raise MlsaeError(f"--context-tokens must be >= 0, got {self.context_tokens}")

@@ -17,6 +17,8 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from mlsae_train.screened_topk import EncoderScreen
+
 from .files import write_parquet
 from .inputs import RunAndCache
 
@@ -55,8 +57,12 @@ def encode_cache(
     batch_tokens: int = 4096,
     device: str = "cpu",
     progress: bool = True,
+    screen: bool = False,
 ) -> Path:
     """Encode the first ``n_tokens`` tokens of the cache; returns the latents directory.
+
+    ``screen``: pick the top-k latents with the exact bfloat16 screen (:mod:`mlsae_train.screened_topk`)
+    instead of the trainer's float32 kernel.
 
     The next batch is read from the cache and the previous batch's latents are written to parquet in
     two helper threads while the SAE encodes the current batch (both release the GIL for their I/O and
@@ -65,6 +71,7 @@ def encode_cache(
     latents_dir = Path(out) / LATENTS_DIR
     latents_dir.mkdir(parents=True, exist_ok=True)
     sae = data.sae.to(device)
+    encoder_screen = EncoderScreen(sae.W_enc) if screen else None
     columns = data.layer_columns
     all_columns = columns == list(range(data.cache.n_layers))
 
@@ -85,7 +92,7 @@ def encode_cache(
             if part + 1 < len(starts):
                 next_acts = reader.submit(read, starts[part + 1])
             x = torch.from_numpy(acts).to(device)  # [B, nL, d]
-            recon = sae.reconstruct(x)
+            recon = sae.reconstruct(x, screen=encoder_screen)
             shape = x.shape[:2]
             x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
             values = recon.values.view(*shape, -1)  # [B, nL, k]

@@ -28,28 +28,40 @@ def weighted_row_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.
 def row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``out[r, j] = table[indices[r, j]] . vectors[r]``: the entries of ``vectors @ table.T`` at the code's support.
 
-    indices: [R, K]; table: [n, d]; vectors: [R, d] -> [R, K]. On CPU this is a sampled dense-dense
-    matmul over a CSR pattern (one row per vector, K columns, in any order); elsewhere
-    :func:`row_dots_via_embedding_bag`.
+    indices: [R, K]; table: [n, d]; vectors: [R, d] -> [R, K].
     """
     n_rows, k = indices.shape
-    if indices.device.type != "cpu" or table.dtype != vectors.dtype or n_rows == 0:
-        return row_dots_via_embedding_bag(indices, table, vectors)
-    crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
+    row_starts = torch.arange(0, n_rows * k + 1, k, device=indices.device)  # [R + 1]
+    return ragged_row_dots(row_starts, indices.reshape(-1), table, vectors).view(n_rows, k)
+
+
+def ragged_row_dots(row_starts: torch.Tensor, columns: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``out[e] = table[columns[e]] . vectors[r]`` for the entries e of row r, ``row_starts[r] <= e < row_starts[r + 1]``.
+
+    row_starts: [R + 1] (CSR row pointers); columns: [E]; table: [n, d]; vectors: [R, d] -> [E]. Rows may
+    have any number of entries. On CPU a sampled dense-dense matmul over the CSR pattern; elsewhere
+    :func:`row_dots_via_embedding_bag`.
+    """
+    n_rows = row_starts.numel() - 1
+    if columns.device.type != "cpu" or table.dtype != vectors.dtype or columns.numel() == 0:
+        return row_dots_via_embedding_bag(columns, table, vectors, row_starts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we only use a stable core of it
-        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), vectors.new_zeros(n_rows * k), size=(n_rows, table.shape[0]))
+        pattern = torch.sparse_csr_tensor(row_starts, columns, vectors.new_zeros(columns.numel()), size=(n_rows, table.shape[0]))
         dots = torch.sparse.sampled_addmm(pattern, vectors, table.t(), beta=0.0)
-    return dots.values().view(n_rows, k)
+    return dots.values()
 
 
-def row_dots_via_embedding_bag(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """:func:`row_dots` as the gradient of a weighted embedding_bag with respect to its weights: exactly
-    ``table[indices[r, j]] . vectors[r]``, computed by a fused kernel on every device without the
-    [R, K, d] gather."""
+def row_dots_via_embedding_bag(
+    indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor, row_starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`row_dots` (indices [R, K] -> [R, K]), or :func:`ragged_row_dots` when ``row_starts`` is given
+    (indices [E] -> [E]), as the gradient of a weighted embedding_bag with respect to its weights: exactly
+    ``table[index] . vectors[row]``, computed by a fused kernel on every device without the [E, d] gather."""
     weights = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+    offsets = None if row_starts is None else row_starts[:-1]
     with torch.enable_grad():
-        bags = F.embedding_bag(indices, table.detach(), mode="sum", per_sample_weights=weights)
+        bags = F.embedding_bag(indices, table.detach(), offsets, mode="sum", per_sample_weights=weights)
         (dots,) = torch.autograd.grad(bags, weights, grad_outputs=vectors.to(table.dtype))
     return dots.to(vectors.dtype)
 

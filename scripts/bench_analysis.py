@@ -11,9 +11,11 @@
                       of --batch-tokens tokens already in memory, no backward (no_grad);
      analysis encode  ``mlsae_analysis.encode.encode_cache`` as ``mlsae-analyse`` runs it: read the
                       cache, encode, accumulate the reconstruction metrics and residual statistics,
-                      write the sparse latents as parquet.
-   Prints tokens/s of both (median over rounds) and the median over rounds of the ratio encode /
-   forward within a round (target >= 1).
+                      write the sparse latents as parquet; once with the kernel ``--screen auto``
+                      picks on this machine (the exact bfloat16 screen where bfloat16 matmuls are
+                      fast) and once with ``--screen off`` (the trainer's float32 kernel).
+   Prints tokens/s of each (median over rounds) and, per encode, the median over rounds of the ratio
+   encode / forward within a round (target >= 1). The order within a round rotates.
 2. Memory. Synthetic sparse latents (as encode_cache writes them) of --memory-tokens and 4x as many
    tokens; in a fresh process each, the peak resident memory (VmHWM, above the process's footprint
    after imports) of what ``mlsae-analyse`` computes from latents/: the per-latent layer statistics
@@ -49,6 +51,7 @@ from mlsae_analysis.metrics import ReconstructionMetrics  # noqa: E402
 from mlsae_analysis.residual import ResidualStatistics  # noqa: E402
 from mlsae_cache import write_array_cache  # noqa: E402
 from mlsae_train import MultiLayerSAE, save_sae  # noqa: E402
+from mlsae_train.screened_topk import bf16_matmul_is_fast  # noqa: E402
 
 MEMORY_TASKS = ("layer statistics", "layer_distributions.parquet", "examples.parquet")
 
@@ -75,23 +78,31 @@ def time_encoding(root: Path, args: argparse.Namespace) -> dict:
         for start in range(0, n, batch):
             data.sae.reconstruct(acts[start : start + batch], project_decoder_grad=True)
 
-    def analysis_encode() -> None:
+    def analysis_encode(screen: bool) -> None:
         out = root / "analysis"
         shutil.rmtree(out, ignore_errors=True)
         residual = ResidualStatistics(list(range(n_layers)), data.cache.layer_means())
         consumers = [ReconstructionMetrics(n_layers, d, n_latents), residual]
-        encode_cache(data, out, n, consumers, batch, "cpu", progress=False)
+        encode_cache(data, out, n, consumers, batch, "cpu", progress=False, screen=screen)
 
-    seconds: dict[str, list[float]] = {"trainer forward": [], "analysis encode": []}
-    contenders = [("trainer forward", trainer_forward), ("analysis encode", analysis_encode)]
+    screen = bf16_matmul_is_fast("cpu")  # what mlsae-analyse's default --screen auto picks here
+    contenders = {
+        "trainer forward": trainer_forward,
+        f"analysis encode (--screen auto: {'on' if screen else 'off'})": lambda: analysis_encode(screen),
+        "analysis encode (--screen off)": lambda: analysis_encode(False),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
     for round_index in range(args.rounds):
-        for name, run in contenders if round_index % 2 == 0 else contenders[::-1]:  # alternate who goes first
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]  # rotate who goes first
+        for name in order:
             start = time.perf_counter()
-            run()
+            contenders[name]()
             seconds[name].append(time.perf_counter() - start)
             print(f"  round {round_index + 1}: {name} {n / seconds[name][-1]:,.0f} tokens/s", flush=True)
-    ratios = [f / e for f, e in zip(seconds["trainer forward"], seconds["analysis encode"])]
-    return {"tokens": n, "seconds": seconds, "ratio": statistics.median(ratios), "ratios": ratios}
+    forward = seconds["trainer forward"]
+    ratios = {name: statistics.median(f / e for f, e in zip(forward, seconds[name])) for name in names[1:]}
+    return {"tokens": n, "seconds": seconds, "ratios": ratios}
 
 
 def _status_mib(field: str) -> float:
@@ -188,8 +199,8 @@ def main() -> None:
             print("| --- | ---: |")
             for name, secs in timing["seconds"].items():
                 print(f"| {name} | {timing['tokens'] / statistics.median(secs):,.0f} |")
-            print(f"| **analysis encode / trainer forward** (target >= 1) | **{timing['ratio']:.2f}** |")
-            print(f"per-round ratios: {', '.join(f'{r:.2f}' for r in timing['ratios'])}")
+            for name, ratio in timing["ratios"].items():
+                print(f"| **{name} / trainer forward** (target >= 1) | **{ratio:.2f}** |")
         if not args.skip_memory:
             print(f"\nmemory: latents of {args.memory_tokens:,} and {4 * args.memory_tokens:,} tokens, {shape}")
             results = memory_table(args.out, args)

@@ -1,0 +1,205 @@
+"""The bfloat16 screen picks the float32 top-k: against float64 brute force, on near-ties that bfloat16
+cannot see, at every scale, and on the rows it hands to the float32 kernel."""
+
+import pytest
+import torch
+
+from mlsae_train import MultiLayerSAE
+from mlsae_train.screened_topk import (
+    OUTPUT_ROUNDING,
+    EncoderScreen,
+    _bf16_at_most,
+    _group_count,
+    _threshold,
+    bf16_matmul_is_fast,
+    screened_topk,
+)
+from mlsae_train.topk_encoder import topk_encode
+
+
+def assert_exact_topk(x: torch.Tensor, W: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """values/indices are the top-k of x @ W.T: the same set as float64 brute force wherever the k-th and
+    (k+1)-th exact values differ by more than float32 rounding, and float32-accurate values."""
+    exact = x.double() @ W.double().T  # [N, n]
+    scale = torch.linalg.vector_norm(x.double(), dim=1, keepdim=True) * torch.linalg.vector_norm(W.double(), dim=1).max()
+    tolerance = 1e-5 * scale  # [N, 1]: float32 dot products of d terms
+    assert ((values.double() - exact.gather(1, indices)).abs() <= tolerance).all(), "values are not the float32 dot products"
+    assert all(len(set(row.tolist())) == k for row in indices), "a latent was picked twice"
+    ordered = exact.sort(dim=1, descending=True).values
+    if k < W.shape[0]:
+        clear = (ordered[:, k - 1] - ordered[:, k]) > 2 * tolerance[:, 0]  # rows without a float32 tie at the boundary
+    else:
+        clear = torch.ones(x.shape[0], dtype=torch.bool)
+    reference = exact.topk(k, dim=1).indices
+    same = indices.sort(dim=1).values == reference.sort(dim=1).values
+    assert same.all(dim=1)[clear].all(), "a clear top-k latent was missed"
+    assert clear.float().mean() > 0.5  # the test means something
+
+
+@pytest.mark.parametrize(
+    "n_rows, d, n_latents, k",
+    [(300, 64, 1024, 8), (257, 48, 999, 5), (64, 32, 96, 1), (40, 16, 64, 31), (100, 24, 256, 16)],
+)
+def test_equals_float64_brute_force(n_rows, d, n_latents, k):
+    g = torch.Generator().manual_seed(n_latents)
+    x = torch.randn(n_rows, d, generator=g) + 0.3
+    W = torch.nn.functional.normalize(torch.randn(n_latents, d, generator=g), dim=1)
+    values, indices = screened_topk(x, EncoderScreen(W), k)
+    assert_exact_topk(x, W, k, values, indices)
+
+
+def test_small_chunks_give_the_same_answer():
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(70, 32, generator=g), torch.randn(512, 32, generator=g)
+    screen = EncoderScreen(W)
+    whole = screened_topk(x, screen, 6)
+    chunked = screened_topk(x, screen, 6, chunk_rows=9)
+    order, chunked_order = whole[1].argsort(1), chunked[1].argsort(1)  # top-k comes back unsorted
+    assert torch.equal(whole[1].gather(1, order), chunked[1].gather(1, chunked_order))
+    assert torch.equal(whole[0].gather(1, order), chunked[0].gather(1, chunked_order))
+
+
+def test_near_ties_that_bfloat16_cannot_tell_apart():
+    # Latents come in pairs whose rows differ by 2^-12 relative: equal after rounding to bfloat16, but
+    # their float32 pre-activations differ by far more than float32 rounding. With k odd, a pair
+    # straddles the boundary in every row and only the exact recompute can order it.
+    g = torch.Generator().manual_seed(2)
+    d, pairs, k = 32, 128, 7
+    base = torch.nn.functional.normalize(torch.randn(pairs, d, generator=g), dim=1).bfloat16().float()
+    W = torch.stack([base, base + 2.0**-12 * base.abs()], dim=1).reshape(2 * pairs, d)  # rows 2i, 2i+1
+    assert torch.equal(W[0::2].bfloat16(), W[1::2].bfloat16())
+    x = torch.randn(500, d, generator=g).abs() + 0.5  # positive: the nudge raises the odd row's value
+    values, indices = screened_topk(x, EncoderScreen(W), k)
+    assert_exact_topk(x, W, k, values, indices)
+    # the top (k + 1) / 2 pairs fill k slots: the last slot must go to the pair's larger (odd) row
+    exact = (x.double() @ W.double().T).topk(k, dim=1).indices
+    assert torch.equal(indices.sort(1).values, exact.sort(1).values)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0, 1e3, 1e6])
+def test_every_scale_and_a_massive_component(scale):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 40, generator=g) * scale
+    x[::3, 5] *= 500  # a few huge components, as in the residual stream's massive activations
+    W = torch.randn(300, 40, generator=g) * 0.1
+    values, indices = screened_topk(x, EncoderScreen(W), 9)
+    assert_exact_topk(x, W, 9, values, indices)
+
+
+def test_the_error_bound_holds_for_every_latent():
+    g = torch.Generator().manual_seed(4)
+    for scale in (1e-3, 1.0, 1e4):
+        x = torch.randn(256, 96, generator=g) * scale
+        x[:, 0] *= 300
+        W = torch.randn(700, 96, generator=g)
+        screen = EncoderScreen(W)
+        x_bf16 = x.bfloat16()
+        approx = (x_bf16 @ screen.W_enc_bf16.T).double()  # [N, n], rounded to bfloat16 as the screen sees it
+        exact = x.double() @ W.double().T
+        relative = OUTPUT_ROUNDING / (1 - OUTPUT_ROUNDING)
+        allowed = screen.error_bound(x, x_bf16).double()[:, None] + relative * approx.abs()
+        assert ((approx - exact).abs() <= allowed).all()
+        assert ((approx - exact).abs() > 0.05 * allowed).any()  # and it is not uselessly loose
+
+
+def test_the_error_bound_is_reached_when_every_rounding_goes_the_same_way():
+    # x and a row of W all 1 + delta, just under bfloat16's rounding midpoint: both round down to 1, and
+    # Cauchy-Schwarz is an equality. The error is then the whole bound (less its 2^-10 margin), so a
+    # bound any smaller would be wrong.
+    d, delta = 64, 2.0**-8 - 2.0**-16
+    x = torch.full((1, d), 1 + delta)
+    W = torch.full((3, d), 1 + delta)
+    screen = EncoderScreen(W)
+    approx = (x.bfloat16() @ screen.W_enc_bf16.T).double()
+    assert (approx == d).all()  # a power of two: no output rounding, the bound alone must cover the error
+    error = (x.double() @ W.double().T - approx).abs()  # d (2 delta + delta^2)
+    bound = screen.error_bound(x, x.bfloat16()).double()
+    assert (error <= bound).all()
+    assert (error >= 0.99 * bound).all()
+
+
+def test_threshold_keeps_the_worst_placed_top_k_latent():
+    # k latents at approx = kth whose exact values are as low as the bound allows, and a latent j whose
+    # exact value beats them (so it is in the exact top-k) while its approx is as low as allowed.
+    # j's approx is exactly the threshold: a higher threshold would drop it.
+    relative = OUTPUT_ROUNDING / (1 - OUTPUT_ROUNDING)
+    kth, bound = torch.tensor([3.0, 0.5], dtype=torch.float64), torch.tensor([0.2, 0.01], dtype=torch.float64)
+    lowest_exact_of_the_k = kth * (1 - relative) - bound
+    exact_j = lowest_exact_of_the_k + 1e-12
+    lowest_approx_j = (exact_j - bound) / (1 + relative)  # approx (1 + u') >= exact - E when approx >= 0
+    threshold = _threshold(kth, bound)
+    assert (threshold <= lowest_approx_j).all()
+    torch.testing.assert_close(threshold, lowest_approx_j, rtol=0, atol=1e-9)
+
+
+def test_bf16_threshold_rounds_down():
+    threshold = torch.tensor([1.0, 1.0 + 2.0**-9, 0.3, 5e-30, 3.0e38])
+    bits = _bf16_at_most(threshold)
+    below = bits.view(torch.bfloat16).float()
+    above = (bits + 1).view(torch.bfloat16).float()  # the next bfloat16 up
+    assert (below <= threshold).all() and (above > threshold).all()
+
+
+def test_rows_the_screen_cannot_decide_match_the_float32_kernel():
+    g = torch.Generator().manual_seed(5)
+    d, n, k = 16, 64, 4
+    W = torch.randn(n, d, generator=g)
+    x = torch.randn(6, d, generator=g)
+    x[1] = 0  # every pre-activation 0: no positive threshold
+    x[2] = -W[:40].sum(0) * 10  # mostly negative pre-activations
+    x[3, 0] = float("nan")
+    x[4, 1] = float("inf")
+    values, indices = screened_topk(x, EncoderScreen(W), k)
+    reference = topk_encode(x, torch.zeros(d), W, k)
+    for row in (1, 2):  # decided by the float32 kernel: same values as it gives
+        torch.testing.assert_close(values[row].sort().values, reference.values[row].sort().values)
+    assert torch.isnan(values[3]).any() or not torch.isfinite(values[3]).all()
+    assert not torch.isfinite(values[4]).all()
+    finite = [0, 5]
+    assert_exact_topk(x[finite], W, k, values[finite], indices[finite])
+
+
+def test_group_count_divides_the_latents_and_leaves_room_for_k():
+    assert _group_count(8192, 32) == 8
+    assert _group_count(1000, 5) == 8
+    assert _group_count(999, 5) == 1
+    assert _group_count(96, 1) == 8
+    assert _group_count(64, 31) == 1
+    assert _group_count(4608, 32) == 8
+
+
+def test_reconstruct_with_the_screen_equals_the_float32_forward():
+    g = torch.Generator().manual_seed(6)
+    sae = MultiLayerSAE(48, 480, 12, layers=[0, 1, 2], generator=g)
+    with torch.no_grad():
+        sae.b_pre.normal_(generator=g)
+    x = torch.randn(50, 3, 48, generator=g) * 4 + 1
+    with torch.no_grad():
+        plain = sae.reconstruct(x)
+        screened = sae.reconstruct(x, screen=EncoderScreen(sae.W_enc))
+        values, indices = sae.encode(x, screen=EncoderScreen(sae.W_enc))
+    assert torch.equal(plain.indices.sort(1).values, screened.indices.sort(1).values)
+    torch.testing.assert_close(screened.x_hat, plain.x_hat, rtol=1e-5, atol=1e-5)
+    assert screened.aux_values.shape == (150, 0)
+    assert torch.equal(indices.reshape(-1, 12).sort(1).values, plain.indices.sort(1).values)
+    torch.testing.assert_close(values.reshape(-1, 12).sort(1).values, plain.values.sort(1).values)
+
+
+def test_the_screen_refuses_training_and_stale_weights():
+    sae = MultiLayerSAE(16, 64, 4, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(10, 16)
+    screen = EncoderScreen(sae.W_enc)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        sae.reconstruct(x, screen=screen)
+    with torch.no_grad(), pytest.raises(ValueError, match="AuxK"):
+        sae.reconstruct(x, dead_latents=torch.arange(3), screen=screen)
+    with torch.no_grad():
+        sae.W_enc.mul_(2)  # an optimizer step, say
+        with pytest.raises(ValueError, match="made from other"):
+            sae.reconstruct(x, screen=screen)
+        sae.reconstruct(x, screen=EncoderScreen(sae.W_enc))  # a fresh one works
+
+
+def test_bf16_matmul_is_fast_answers_for_each_device():
+    assert isinstance(bf16_matmul_is_fast("cpu"), bool)
+    assert bf16_matmul_is_fast("meta") is False
