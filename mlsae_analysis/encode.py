@@ -1,7 +1,7 @@
 """One pass over the test cache: encode every token with the SAE and write its sparse latents.
 
 The latents go to ``latents/part-NNNNN.parquet`` (columns token, layer, latent, activation; only
-active rows, in ascending token order, then layer) with ``latents/tokens.parquet`` beside them
+active rows, in ascending order of token, then layer, then latent) with ``latents/tokens.parquet`` beside them
 (token, sequence, position, token_id). Each batch's inputs and reconstructions are also handed to
 the consumers (reconstruction metrics, residual statistics), so the cache is read once.
 """
@@ -34,6 +34,8 @@ class BatchConsumer(Protocol):
 def sparse_rows(token_start: int, values: torch.Tensor, indices: torch.Tensor) -> pl.DataFrame:
     """The active latents of a batch as rows. values, indices: [B, nL, k] for tokens token_start.."""
     batch, n_layers, k = values.shape
+    indices, order = indices.sort(dim=2)  # latents ascending within each (token, layer), whichever kernel picked them
+    values = values.gather(2, order)
     values_np = values.reshape(-1).cpu().numpy()  # [B * nL * k]
     keep = values_np > 0
     token = np.repeat(np.arange(token_start, token_start + batch, dtype=np.int64), n_layers * k)

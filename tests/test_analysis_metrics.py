@@ -87,9 +87,11 @@ def test_accumulator_over_uneven_batches_equals_brute_force(acts, sae):
     assert metrics.dead_fraction_any_layer() == pytest.approx(expected["dead_any"])
 
 
-def test_cli_writes_exact_metrics_latents_and_residual(acts, sae, cache_dir, run_file, tmp_path):
+@pytest.mark.parametrize("screen", ["on", "off"])  # the bfloat16 screen and the trainer's float32 kernel
+def test_cli_writes_exact_metrics_latents_and_residual(acts, sae, cache_dir, run_file, tmp_path, screen):
     out = tmp_path / "out"
-    assert analyse(run_file, cache_dir, out) == 0
+    assert analyse(run_file, cache_dir, out, "--screen", screen) == 0
+    assert json.loads((out / "summary.json").read_text())["encode_kernel"].startswith("bfloat16" if screen == "on" else "float32")
     expected = brute_force(acts, sae)
     metrics = pl.read_csv(out / "metrics.csv")
     assert metrics["layer"].to_list() == ["0", "1", "2", "mean"]
@@ -99,16 +101,16 @@ def test_cli_writes_exact_metrics_latents_and_residual(acts, sae, cache_dir, run
     assert metrics["dead_fraction"][3] == pytest.approx(expected["dead_any"])
     assert metrics["delta_ce"].is_nan().all()
 
-    # the stored latents are exactly the active latents, in ascending token order
+    # the stored latents are exactly the active latents, in ascending order of token, layer, latent
     latents = pl.read_parquet(out / "latents" / "part-*.parquet")
-    assert latents["token"].is_sorted()
     active = expected["values"] > 0
-    assert latents.height == int(active.sum())
     token, layer, slot = np.nonzero(active.numpy())
-    np.testing.assert_array_equal(latents["token"].to_numpy(), token)
-    np.testing.assert_array_equal(latents["layer"].to_numpy(), layer)
-    np.testing.assert_array_equal(latents["latent"].to_numpy(), expected["indices"].numpy()[token, layer, slot])
-    np.testing.assert_allclose(latents["activation"].to_numpy(), expected["values"].numpy()[token, layer, slot], rtol=1e-6)
+    reference = pl.DataFrame(
+        {"token": token, "layer": layer, "latent": expected["indices"].numpy()[token, layer, slot],
+         "activation": expected["values"].numpy()[token, layer, slot]}  # fmt: skip
+    ).sort("token", "layer", "latent")
+    assert latents.select("token", "layer", "latent").rows() == reference.select("token", "layer", "latent").rows()
+    np.testing.assert_allclose(latents["activation"].to_numpy(), reference["activation"].to_numpy(), rtol=1e-6)
     tokens = pl.read_parquet(out / "latents" / "tokens.parquet")
     assert tokens["token"].to_list() == list(range(N_TOKENS))
     assert tokens["position"].to_list() == [i % 10 for i in range(N_TOKENS)]
