@@ -125,7 +125,7 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
 
     # neighbours.parquet (the HTML browser) and mmcs.csv (Table 2) from one chunked search:
     # each latent's most similar other decoder row is its rank-0 neighbour
-    neighbours = decoder_neighbours(sae.W_dec.detach(), chunk_size=config.mmcs_chunk, progress=config.progress)
+    neighbours = decoder_neighbours(sae.W_dec.detach(), chunk_size=config.mmcs_chunk, progress=config.progress, screen=screen)
     write_parquet(neighbours, out / NEIGHBOURS_FILE)
     nearest = neighbours.filter(pl.col("rank") == 0).sort("latent")["cosine"]
     mmcs_mean, mmcs_std = mean_and_std(torch.tensor(nearest.to_numpy()))

@@ -56,9 +56,9 @@ class AnalyseConfig:
     """Device for the SAE and the language model (cpu or cuda)."""
 
     screen: Literal["auto", "on", "off"] = "auto"
-    """Top-k kernel of the encode pass: 'on' picks each vector's candidates with a bfloat16 matmul and
-    recomputes them in float32 (the same latents and values as float32, ~2x faster on AMX CPUs and GPUs),
-    'off' uses the trainer's float32 kernel, 'auto' screens where bfloat16 matmuls are fast."""
+    """Top-k kernel of the encode pass and the decoder-neighbour search: 'on' picks the candidates with a
+    bfloat16 matmul and recomputes them in float32 (the same latents and values as float32, ~2x faster on
+    AMX CPUs and GPUs), 'off' uses float32 throughout, 'auto' screens where bfloat16 matmuls are fast."""
 
     progress: bool = True
     """Show progress bars."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlsae_cache.errors import MlsaeError
+from mlsae_train.screened_topk import EncoderScreen, bf16_matmul_is_fast, screened_topk
 
 
 def _unit_rows(W_dec: torch.Tensor) -> torch.Tensor:
@@ -73,10 +74,13 @@ def nearest_neighbours(
     k: int,
     chunk_size: int = 4096,
     progress: bool = False,
+    screen: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k decoder rows most cosine-similar to each given latent's row, itself excluded.
 
     Returns (indices [m, k] int64, similarities [m, k]), most similar first, for m = len(latents).
+    ``screen``: search with the exact bfloat16 screen of ``mlsae_train.screened_topk`` (the same
+    neighbours and float32 cosines, faster where bfloat16 matmuls are); None: where they are fast.
     """
     _check_chunk_size(chunk_size)
     unit = _unit_rows(W_dec)  # [n, d]
@@ -86,15 +90,40 @@ def nearest_neighbours(
     query = torch.as_tensor(latents, dtype=torch.long, device=unit.device).reshape(-1)  # [m]
     if query.numel() and (query.min() < 0 or query.max() >= n):
         raise MlsaeError(f"latent indices must lie in 0..{n - 1}; got {query.min().item()}..{query.max().item()}")
+    if screen is None:
+        screen = bf16_matmul_is_fast(unit.device)
+    search = _screened_search(unit, k) if screen and unit.dtype == torch.float32 else _dense_search(unit, k, chunk_size)
     indices = torch.empty((query.numel(), k), dtype=torch.long, device=unit.device)  # [m, k]
     similarities = torch.empty((query.numel(), k), dtype=unit.dtype, device=unit.device)  # [m, k]
-    block = torch.empty((min(chunk_size, query.numel()), n), dtype=unit.dtype, device=unit.device)  # [chunk, n]
     starts = range(0, query.numel(), chunk_size)
     for start in tqdm(starts, desc="decoder neighbours", unit="chunk", disable=not progress):
         chunk = query[start : start + chunk_size]  # [c]
+        indices[start : start + chunk.numel()], similarities[start : start + chunk.numel()] = search(chunk)
+    return indices, similarities
+
+
+def _dense_search(unit: torch.Tensor, k: int, chunk_size: int):
+    """chunk [c] -> its k nearest other rows (indices [c, k], cosines [c, k]) from a full [c, n] block."""
+    block = torch.empty((chunk_size, unit.shape[0]), dtype=unit.dtype, device=unit.device)  # [chunk, n], reused
+
+    def search(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         similarity = torch.mm(unit[chunk], unit.T, out=block[: chunk.numel()])  # [c, n]
         similarity[torch.arange(chunk.numel(), device=unit.device), chunk] = -torch.inf
         top = similarity.topk(k, dim=1)
-        indices[start : start + chunk.numel()] = top.indices
-        similarities[start : start + chunk.numel()] = top.values
-    return indices, similarities
+        return top.indices, top.values
+
+    return search
+
+
+def _screened_search(unit: torch.Tensor, k: int):
+    """As :func:`_dense_search`, by the bfloat16 screen: the top k + 1 rows, then the row itself dropped
+    (if k + 1 others tie with it at cosine 1 it is not among them, and the first k are the answer)."""
+    screen = EncoderScreen(unit)
+
+    def search(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = screened_topk(unit[chunk], screen, k + 1)  # [c, k + 1] each, unsorted
+        values = values.masked_fill(indices == chunk[:, None], -torch.inf)
+        top = values.topk(k, dim=1)  # most similar first
+        return indices.gather(1, top.indices), top.values
+
+    return search

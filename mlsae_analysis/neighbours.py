@@ -24,16 +24,20 @@ DEFAULT_K = 5
 
 
 @torch.no_grad()
-def decoder_neighbours(W_dec: torch.Tensor, k: int = DEFAULT_K, chunk_size: int = 4096, progress: bool = True) -> pl.DataFrame:
+def decoder_neighbours(
+    W_dec: torch.Tensor, k: int = DEFAULT_K, chunk_size: int = 4096, progress: bool = True, screen: bool | None = None
+) -> pl.DataFrame:
     """For every row of W_dec [n_latents, d_model], its k most cosine-similar other rows (long table, see above).
 
-    k is capped at n_latents - 1. Memory beyond W_dec: a unit-norm copy and one [chunk_size, n_latents] block.
+    k is capped at n_latents - 1. Memory beyond W_dec: a unit-norm copy and one [chunk_size, n_latents]
+    block. ``screen``: as in ``mmcs.nearest_neighbours`` (None: where bfloat16 matmuls are fast).
     """
     n = W_dec.shape[0]
     if n < 2:
         raise MlsaeError(f"the decoder has {n} latent(s); neighbours need at least 2")
     k = min(k, n - 1)
-    indices, cosines = nearest_neighbours(W_dec.detach(), torch.arange(n, device=W_dec.device), k, chunk_size, progress)
+    query = torch.arange(n, device=W_dec.device)
+    indices, cosines = nearest_neighbours(W_dec.detach(), query, k, chunk_size, progress, screen)
     indices, cosines = indices.cpu(), cosines.float().cpu()  # [n, k] each
     return pl.DataFrame(
         {

@@ -104,10 +104,10 @@ def visible(text: str) -> str:
 # ----------------------------------------------------------------------------- the data
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
-def test_neighbours_match_brute_force(chunk_size: int) -> None:
+@pytest.mark.parametrize("chunk_size, screen", [(1, False), (7, False), (4096, False), (7, True), (4096, True)])
+def test_neighbours_match_brute_force(chunk_size: int, screen: bool) -> None:
     W = torch.randn(60, 8, generator=torch.Generator().manual_seed(0)) * torch.rand(60, 1) * 3
-    table = decoder_neighbours(W, k=5, chunk_size=chunk_size, progress=False)
+    table = decoder_neighbours(W, k=5, chunk_size=chunk_size, progress=False, screen=screen)
     assert table.columns == ["latent", "rank", "neighbour", "cosine"] and table.height == 60 * 5
     indices, cosines = brute_force_neighbours(W.numpy(), 5)
     ordered = table.sort("latent", "rank")

@@ -58,11 +58,12 @@ def test_low_precision_input_is_upcast() -> None:
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
 
 
-def test_nearest_neighbours_matches_brute_force() -> None:
+@pytest.mark.parametrize("screen", [False, True])  # float32 blocks, and the exact bfloat16 screen
+def test_nearest_neighbours_matches_brute_force(screen: bool) -> None:
     W = torch.randn(40, 5, generator=torch.Generator().manual_seed(2))
     cosine = brute_force_cosine(W.numpy())
     latents = [0, 39, 17, 17]
-    indices, similarities = nearest_neighbours(W, latents, k=6, chunk_size=3)
+    indices, similarities = nearest_neighbours(W, latents, k=6, chunk_size=3, screen=screen)
     assert indices.shape == similarities.shape == (4, 6)
     for row, latent in enumerate(latents):
         expected = np.argsort(-cosine[latent], kind="stable")[:6]
@@ -87,10 +88,25 @@ def test_user_errors() -> None:
 
 
 
-def test_mmcs_from_the_neighbours_table_equals_mmcs():
+@pytest.mark.parametrize("screen", [False, True])
+def test_mmcs_from_the_neighbours_table_equals_mmcs(screen: bool):
     """mlsae-analyse takes MMCS from neighbours.parquet's rank-0 column: the same numbers as mmcs()."""
     W_dec = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
-    table = decoder_neighbours(W_dec, chunk_size=64, progress=False)
+    table = decoder_neighbours(W_dec, chunk_size=64, progress=False, screen=screen)
     nearest = table.filter(table["rank"] == 0).sort("latent")["cosine"].to_numpy()
     np.testing.assert_allclose(nearest, max_cosine_similarity(W_dec, chunk_size=64).numpy(), rtol=1e-6)
     np.testing.assert_allclose(mean_and_std(torch.tensor(nearest)), mmcs(W_dec), rtol=1e-6)
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_duplicate_rows_are_each_others_nearest_and_never_their_own(screen: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(200, 32, generator=g)
+    W[7] = W[3] * 2  # the same direction
+    W[150] = W[3] * 0.5
+    indices, similarities = nearest_neighbours(W, [3, 7, 150, 10], k=3, screen=screen)
+    assert sorted(indices[0, :2].tolist()) == [7, 150] and sorted(indices[1, :2].tolist()) == [3, 150]
+    assert sorted(indices[2, :2].tolist()) == [3, 7]
+    np.testing.assert_allclose(similarities[:3, :2].numpy(), 1.0, atol=1e-6)
+    for row, latent in enumerate([3, 7, 150, 10]):
+        assert latent not in indices[row].tolist()
