@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_analysis.py [--tokens 100000] [--d-model 512] [--expansion-factor 16]
         [--k 32] [--layers 6] [--batch-tokens 4096] [--rounds 6] [--round-tokens 16384] [--memory-tokens 100000]
-        [--skip-encoding] [--skip-memory] [--out DIR]
+        [--run RUN --shards TEST_CACHE] [--skip-encoding] [--skip-memory] [--out DIR]
 
 1. Encoding. A synthetic float16 cache (--tokens tokens, --layers layers of width --d-model) and an
    SAE of R * d latents. Timed in turns, --rounds times, each over the first --round-tokens tokens
@@ -15,7 +15,8 @@
                       picks on this machine (the exact bfloat16 screen where bfloat16 matmuls are
                       fast) and once with ``--screen off`` (the trainer's float32 kernel).
    Prints tokens/s of each (median over rounds) and, per encode, the median over rounds of the ratio
-   encode / forward within a round (target >= 1). The order within a round rotates.
+   encode / forward within a round (target >= 1). The order within a round rotates. With --run and
+   --shards the same timing runs on a trained SAE and its held-out cache instead.
 2. Memory. Synthetic sparse latents (as encode_cache writes them) of --memory-tokens and 4x as many
    tokens; in a fresh process each, the peak resident memory (VmHWM, above the process's footprint
    after imports) of what ``mlsae-analyse`` computes from latents/: the per-latent layer statistics
@@ -68,7 +69,10 @@ def build_cache_and_sae(root: Path, args: argparse.Namespace) -> None:
 
 
 def time_encoding(root: Path, args: argparse.Namespace) -> dict:
-    data = open_run_and_cache(root / "sae.safetensors", root / "cache")
+    if args.run:  # a real trained SAE and its held-out cache
+        data = open_run_and_cache(args.run, args.shards)
+    else:
+        data = open_run_and_cache(root / "sae.safetensors", root / "cache")
     n, batch = min(args.round_tokens, data.cache.n_tokens), args.batch_tokens
     acts = torch.from_numpy(data.cache.read_range(0, n))  # [n, nL, d] in memory for the trainer's forward
     n_layers, d, n_latents = acts.shape[1], acts.shape[2], data.sae.n_latents
@@ -174,6 +178,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--round-tokens", type=int, default=16384)
     parser.add_argument("--memory-tokens", type=int, default=100_000)
+    parser.add_argument("--run", help="time the encoding on this trained run (with --shards) instead of a synthetic SAE")
+    parser.add_argument("--shards", help="the held-out cache for --run")
     parser.add_argument("--skip-encoding", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("/tmp/mlsae_bench_analysis"))
@@ -192,7 +198,12 @@ def main() -> None:
             threads = torch.get_num_threads()
             print(f"encoding: cache of {args.tokens:,} tokens, {shape}; {args.rounds} rounds of {args.round_tokens:,} tokens "
                   f"in batches of {args.batch_tokens}, {threads} threads")
-            build_cache_and_sae(args.out, args)
+            if args.run:
+                if not args.shards:
+                    parser.error("--run needs --shards (its held-out cache)")
+                print(f"  on the trained SAE {args.run} and the cache {args.shards} (the shape options are ignored)")
+            else:
+                build_cache_and_sae(args.out, args)
             timing = time_encoding(args.out, args)
             print()
             print("| | tokens/s (median) |")

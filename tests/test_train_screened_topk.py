@@ -4,12 +4,14 @@ cannot see, at every scale, and on the rows it hands to the float32 kernel."""
 import pytest
 import torch
 
+import mlsae_train.screened_topk as screened_topk_module
 from mlsae_train import MultiLayerSAE
 from mlsae_train.screened_topk import (
     OUTPUT_ROUNDING,
     EncoderScreen,
     _bf16_at_most,
     _group_count,
+    _kth_largest,
     _threshold,
     bf16_matmul_is_fast,
     screened_topk,
@@ -46,6 +48,22 @@ def test_equals_float64_brute_force(n_rows, d, n_latents, k):
     W = torch.nn.functional.normalize(torch.randn(n_latents, d, generator=g), dim=1)
     values, indices = screened_topk(x, EncoderScreen(W), k)
     assert_exact_topk(x, W, k, values, indices)
+
+
+def test_rows_with_many_candidates_go_through_the_second_table(monkeypatch):
+    monkeypatch.setattr(screened_topk_module, "PAD_WIDTH", 1)  # most rows then overflow the first table
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 64, generator=g)
+    W = torch.nn.functional.normalize(torch.randn(2048, 64, generator=g), dim=1)
+    values, indices = screened_topk(x, EncoderScreen(W), 16)
+    assert_exact_topk(x, W, 16, values, indices)
+
+
+def test_kth_largest_of_each_row():
+    table = torch.randint(-300, 300, (50, 77), dtype=torch.int16, generator=torch.Generator().manual_seed(9))
+    for k in (1, 5, 77):
+        expected = table.sort(dim=1, descending=True).values[:, k - 1]
+        assert torch.equal(_kth_largest(table, k), expected)
 
 
 def test_small_chunks_give_the_same_answer():
