@@ -79,15 +79,22 @@ class Cache:
 
     # -- reading
 
-    def read(self, indices) -> np.ndarray:
+    def read(self, indices, layer_positions=None) -> np.ndarray:
         """Activations of the tokens at global ``indices`` (any order, repeats allowed).
 
-        Returns float32 [len(indices), n_layers, d_model].
+        ``layer_positions``: positions on the cache's layer axis (into ``self.layers``) to read, in the
+        order given; only those vectors are gathered and converted (default: all layers).
+        Returns float32 [len(indices), n_layers or len(layer_positions), d_model].
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_tokens):
             raise IndexError(f"token indices must lie in [0, {self.n_tokens})")
-        out = np.empty((len(indices), self.n_layers, self.d_model), dtype=np.float32)
+        if layer_positions is not None:
+            layer_positions = np.asarray(layer_positions, dtype=np.int64).reshape(-1)
+            if len(layer_positions) and (layer_positions.min() < 0 or layer_positions.max() >= self.n_layers):
+                raise IndexError(f"layer positions must lie in [0, {self.n_layers})")
+        n_layers = self.n_layers if layer_positions is None else len(layer_positions)
+        out = np.empty((len(indices), n_layers, self.d_model), dtype=np.float32)
         shard_of = np.searchsorted(self.shard_starts, indices, side="right") - 1  # [n]
         order = np.argsort(shard_of, kind="stable")
         bounds = np.searchsorted(shard_of[order], np.arange(len(self.shard_files) + 1))
@@ -98,7 +105,11 @@ class Cache:
             local = indices[picked] - self.shard_starts[shard]
             # gathering rows in ascending file order is kinder to the page cache
             by_offset = np.argsort(local, kind="stable")
-            rows = self._shard(shard).acts[local[by_offset]]
+            acts = self._shard(shard).acts  # [n, n_layers, d]
+            if layer_positions is None:
+                rows = acts[local[by_offset]]  # [m, n_layers, d]
+            else:  # one gather of the wanted (token, layer) vectors, not all layers then a selection
+                rows = acts[local[by_offset][:, None], layer_positions[None, :]]  # [m, len(layer_positions), d]
             out[picked[by_offset]] = sf.from_storage(rows, self.dtype)
         return out
 

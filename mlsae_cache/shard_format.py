@@ -299,15 +299,21 @@ class _ConcatRows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows) -> np.ndarray:
-        if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(self.shape[0]))
-        rows = np.asarray(rows)
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+    def __getitem__(self, key) -> np.ndarray:
+        """``acts[rows]`` -> [m, n_layers, d], or ``acts[rows[:, None], layers[None, :]]`` -> [m, len(layers), d]
+        (numpy's advanced indexing of the few forms the reader uses)."""
+        layers = None
+        if isinstance(key, tuple):
+            key, layers = key
+            layers = np.asarray(layers).reshape(-1)
+        rows = np.arange(*key.indices(self.shape[0])) if isinstance(key, slice) else np.asarray(key).reshape(-1)
+        row_shape = self.shape[1:] if layers is None else (len(layers), self.shape[2])
+        out = np.empty((len(rows), *row_shape), self.dtype)
         part_of = np.searchsorted(self.starts, rows, side="right") - 1
         for p in np.unique(part_of):
             sel = part_of == p
-            out[sel] = self.parts[p][rows[sel] - self.starts[p]]
+            local = rows[sel] - self.starts[p]
+            out[sel] = self.parts[p][local] if layers is None else self.parts[p][local[:, None], layers[None, :]]
         return out
 
 

@@ -48,7 +48,7 @@ class ActivationDataset:
         self.cache_layers = list(first.layers)
         if layers is None:
             self.layers = list(self.cache_layers)
-            self._layer_positions = None  # all layers: no selection copy
+            self._layer_positions = None  # all layers
         else:
             missing = [layer for layer in layers if layer not in self.cache_layers]
             if missing:
@@ -79,17 +79,15 @@ class ActivationDataset:
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Activations of the global tokens ``indices`` (1-D int64): float32 [len, n_layers, d_model]."""
-        cache_of = np.searchsorted(self._starts, indices, side="right") - 1
+        positions = self._layer_positions  # None: all layers
         if len(self.caches) == 1:
-            out = self.caches[0].read(indices)
-        else:
-            out = np.empty((len(indices), len(self.cache_layers), self.d_model), dtype=np.float32)
-            for i, cache in enumerate(self.caches):
-                mask = cache_of == i
-                if mask.any():
-                    out[mask] = cache.read(indices[mask] - self._starts[i])
-        if self._layer_positions is not None:
-            out = np.ascontiguousarray(out[:, self._layer_positions])
+            return self.caches[0].read(indices, positions)
+        cache_of = np.searchsorted(self._starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.n_layers, self.d_model), dtype=np.float32)
+        for i, cache in enumerate(self.caches):
+            mask = cache_of == i
+            if mask.any():
+                out[mask] = cache.read(indices[mask] - self._starts[i], positions)
         return out
 
     def describe_token(self, index: int) -> str:

@@ -33,6 +33,11 @@ def test_round_trip_by_global_index(fmt, dtype, tmp_path):
     assert len(cache.manifest["shards"]) == 3
     idx = np.concatenate([rng.integers(0, 700, 300), [699, 0, 0, 255, 256]])  # any order, repeats, shard edges
     np.testing.assert_array_equal(cache.read(idx), expected[idx])
+    # a subset of layers, in any order, gathered without reading the others
+    np.testing.assert_array_equal(cache.read(idx, layer_positions=[2, 0]), expected[idx][:, [2, 0]])
+    np.testing.assert_array_equal(cache.read(idx, layer_positions=[1]), expected[idx][:, [1]])
+    with pytest.raises(IndexError, match="layer positions"):
+        cache.read(idx, layer_positions=[3])
     np.testing.assert_array_equal(cache.read_range(200, 600), expected[200:600])
     np.testing.assert_array_equal(cache.token_table()["token_id"].to_numpy(), token_ids)
     assert cache.locate(256) == (sf.shard_name(1, fmt), 0)
