@@ -1,8 +1,8 @@
 """One pass over the test cache: encode every token with the SAE and write its sparse latents.
 
 The latents go to ``latents/part-NNNNN.parquet`` (columns token, layer, latent, activation; only
-active rows, in ascending order of token, then layer, then latent) with ``latents/tokens.parquet`` beside them
-(token, sequence, position, token_id). Each batch's inputs and reconstructions are also handed to
+active rows, in ascending order of token, then layer, then latent) with ``latents/tokens.parquet``
+beside them (token, sequence, position, token_id). Each batch's inputs and reconstructions are also handed to
 the consumers (reconstruction metrics, residual statistics), so the cache is read once.
 """
 

@@ -31,6 +31,8 @@ def row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) 
     indices: [R, K]; table: [n, d]; vectors: [R, d] -> [R, K].
     """
     n_rows, k = indices.shape
+    if k == 0:
+        return vectors.new_empty(n_rows, 0)
     row_starts = torch.arange(0, n_rows * k + 1, k, device=indices.device)  # [R + 1]
     return ragged_row_dots(row_starts, indices.reshape(-1), table, vectors).view(n_rows, k)
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mlsae_train.sparse_decode import sparse_decode
-from mlsae_train.sparse_ops import latent_sums, row_dots, row_dots_via_embedding_bag, scatter_weighted_rows, weighted_row_sum
+from mlsae_train.sparse_ops import (
+    latent_sums,
+    ragged_row_dots,
+    row_dots,
+    row_dots_via_embedding_bag,
+    scatter_weighted_rows,
+    weighted_row_sum,
+)
 from mlsae_train.topk_encoder import topk_encode
 
 
@@ -158,3 +165,17 @@ def test_topk_encode_with_bfloat16_matmul():
     torch.testing.assert_close(codes.values, exact, atol=0.1, rtol=0.02)
     codes.values.sum().backward()
     assert W_enc.grad is not None and W_enc.grad.dtype == torch.float32
+
+
+def test_ragged_row_dots_on_both_paths_with_an_empty_row(codes):
+    _, _, table, vectors = codes  # 37 rows
+    g = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, 6, (vectors.shape[0],), generator=g)
+    counts[3] = 0  # a row without entries
+    row_starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    columns = torch.randint(0, table.shape[0], (int(counts.sum()),), generator=g)
+    rows = torch.repeat_interleave(torch.arange(vectors.shape[0]), counts)
+    expected = (table[columns] * vectors[rows]).sum(1)
+    torch.testing.assert_close(ragged_row_dots(row_starts, columns, table, vectors), expected)
+    torch.testing.assert_close(row_dots_via_embedding_bag(columns, table, vectors, row_starts), expected)
+    assert row_dots(torch.zeros(4, 0, dtype=torch.long), table, vectors[:4]).shape == (4, 0)
