@@ -17,8 +17,6 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from mlsae_train.screened_topk import EncoderScreen
-
 from .files import write_parquet
 from .inputs import RunAndCache
 
@@ -73,7 +71,6 @@ def encode_cache(
     latents_dir = Path(out) / LATENTS_DIR
     latents_dir.mkdir(parents=True, exist_ok=True)
     sae = data.sae.to(device)
-    encoder_screen = EncoderScreen(sae.W_enc) if screen else None
     columns = data.layer_columns
     all_columns = columns == list(range(data.cache.n_layers))
 
@@ -94,7 +91,7 @@ def encode_cache(
             if part + 1 < len(starts):
                 next_acts = reader.submit(read, starts[part + 1])
             x = torch.from_numpy(acts).to(device)  # [B, nL, d]
-            recon = sae.reconstruct(x, screen=encoder_screen)
+            recon = sae.reconstruct(x, screen=screen)
             shape = x.shape[:2]
             x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
             values = recon.values.view(*shape, -1)  # [B, nL, k]

@@ -2,14 +2,13 @@
 
 ``load_sae(path)`` returns a trained :class:`MultiLayerSAE`: ``sae(x)`` reconstructs x [..., d_model]
 in input space, ``sae.encode(x)`` gives the k active latents ``(values, indices)`` after ReLU, and
-``sae.W_dec`` is [n_latents, d_model]. For inference, ``sae.encode(x, screen=EncoderScreen(sae.W_enc))``
-under ``torch.no_grad()`` picks the same latents faster where bfloat16 matmuls are fast.
+``sae.W_dec`` is [n_latents, d_model]. ``sae.encode(x, screen=True)`` picks the same latents through the
+exact bfloat16 screen, faster where bfloat16 matmuls are fast.
 """
 
 from .checkpoint import load_sae, save_sae
 from .config import TrainConfig
 from .model import MultiLayerSAE
-from .screened_topk import EncoderScreen
 from .trainer import train
 
-__all__ = ["EncoderScreen", "MultiLayerSAE", "TrainConfig", "load_sae", "save_sae", "train"]
+__all__ = ["MultiLayerSAE", "TrainConfig", "load_sae", "save_sae", "train"]

@@ -20,9 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .screened_topk import EncoderScreen, screened_topk
 from .sparse_decode import sparse_decode
-from .topk_encoder import TopKCodes, topk_encode
+from .topk_encoder import topk_encode
 
 STANDARDIZE_EPS = 1e-5
 
@@ -111,23 +110,22 @@ class MultiLayerSAE(nn.Module):
         chunk_rows: int | None = None,
         matmul_dtype: torch.dtype | None = None,
         project_decoder_grad: bool = False,
-        screen: EncoderScreen | None = None,
+        screen: bool = False,
     ) -> Reconstruction:
         """Encode and decode x [..., d]; with ``dead_latents`` also pick the top k_aux among them (AuxK).
 
         ``project_decoder_grad``: W_dec's gradient comes back without each row's component along the
         row (SPEC 3's projection before every step; the rows must have unit norm).
-        ``screen`` (``EncoderScreen(sae.W_enc)``, inference only): pick the top-k with the exact bfloat16
-        screen of :mod:`.screened_topk` instead of the float32 kernel.
+        ``screen``: pick the top-k (and AuxK's top-k_aux) with the exact bfloat16 screen of
+        :mod:`.screened_topk` instead of the float32 kernel: the same latents, faster where bfloat16
+        matmuls are fast; gradients as with the float32 kernel.
         """
         rows = x.reshape(-1, self.d_model)  # [N, d]
         z, mean, scale = standardize(rows, self.eps)
-        if screen is not None:
-            codes = self._screened_codes(z, screen, dead_latents)
-        else:
-            codes = topk_encode(
-                z, self.b_pre, self.W_enc, self.k, dead_latents, self.k_aux, chunk_rows=chunk_rows, matmul_dtype=matmul_dtype
-            )
+        codes = topk_encode(
+            z, self.b_pre, self.W_enc, self.k, dead_latents, self.k_aux, chunk_rows=chunk_rows, matmul_dtype=matmul_dtype,
+            screen=screen,
+        )  # fmt: skip
         values = torch.relu(codes.values)  # [N, k]
         z_hat = sparse_decode(values, codes.indices, self.W_dec, project_decoder_grad) + self.b_pre  # [N, d]
         x_hat = z_hat * scale + mean
@@ -135,24 +133,13 @@ class MultiLayerSAE(nn.Module):
             z, mean, scale, z_hat, x_hat, values, codes.indices, torch.relu(codes.aux_values), codes.aux_indices
         )
 
-    def _screened_codes(self, z: torch.Tensor, screen: EncoderScreen, dead_latents: torch.Tensor | None) -> TopKCodes:
-        if dead_latents is not None:
-            raise ValueError("the bfloat16 screen is for inference: it does not pick AuxK latents (pass screen=None)")
-        if torch.is_grad_enabled() and (z.requires_grad or self.W_enc.requires_grad or self.b_pre.requires_grad):
-            raise ValueError("the bfloat16 screen is for inference: call it under torch.no_grad() (or pass screen=None)")
-        if not screen.made_from(self.W_enc):
-            raise ValueError("this EncoderScreen was made from other (or since changed) weights: make it anew from sae.W_enc")
-        values, indices = screened_topk(z - self.b_pre, screen, self.k)  # [N, k] each
-        empty = values.new_empty(values.shape[0], 0)
-        return TopKCodes(values, indices, empty, indices.new_empty(values.shape[0], 0))
-
-    def encode(self, x: torch.Tensor, screen: EncoderScreen | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, screen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents of each vector of x [..., d]: ``(values, indices)``, each [..., k], values >= 0.
 
         ``screen``: as in :meth:`reconstruct`.
         """
         z, _, _ = standardize(x.reshape(-1, self.d_model), self.eps)
-        codes = self._screened_codes(z, screen, None) if screen is not None else topk_encode(z, self.b_pre, self.W_enc, self.k)
+        codes = topk_encode(z, self.b_pre, self.W_enc, self.k, screen=screen)
         lead = x.shape[:-1]
         return torch.relu(codes.values).view(*lead, self.k), codes.indices.view(*lead, self.k)
 

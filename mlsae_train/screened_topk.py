@@ -1,4 +1,4 @@
-"""The encoder's exact top-k at bfloat16 matmul speed, for inference (no gradients, no AuxK).
+"""The encoder's exact top-k at bfloat16 matmul speed (``topk_encode(..., screen=True)``).
 
 The float32 kernel (:mod:`.topk_encoder`) spends nearly all its time in ``x @ W_enc.T`` ([N, n] x d
 multiply-adds) and the top-k over its n columns. Only k of the n pre-activations of a row matter, so:
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .sparse_ops import ragged_row_dots
-from .topk_encoder import _workspace
+from .workspace import workspace
 
 FLOAT32_UNIT = 2.0**-24
 OUTPUT_ROUNDING = 2.0**-7  # bfloat16 output: 2^-8 if rounded to nearest, 2^-7 if truncated
@@ -61,15 +61,10 @@ class EncoderScreen:
     def __init__(self, W_enc: torch.Tensor) -> None:
         weight = W_enc.detach()  # [n, d]
         self.W_enc = weight
-        self._version = W_enc._version  # in-place updates (an optimizer step) bump it
         self.W_enc_bf16 = weight.to(torch.bfloat16)  # [n, d]
         rounded = self.W_enc_bf16.float()
         self.max_rounding_norm = float(torch.linalg.vector_norm(weight.float() - rounded, dim=1).max())  # max_j |dW_j|
         self.max_rounded_norm = float(torch.linalg.vector_norm(rounded, dim=1).max())  # max_j |W~_j|
-
-    def made_from(self, W_enc: torch.Tensor) -> bool:
-        """Whether this screen was made from these very weights, unchanged since."""
-        return W_enc.data_ptr() == self.W_enc.data_ptr() and W_enc.shape == self.W_enc.shape and W_enc._version == self._version
 
     def error_bound(self, x: torch.Tensor, x_bf16: torch.Tensor) -> torch.Tensor:
         """E per row of x [r, d] (float32) and its rounding x_bf16: bounds |approx_j - x . W_j| but for the
@@ -122,7 +117,7 @@ def screened_topk(x: torch.Tensor, screen: EncoderScreen, k: int, chunk_rows: in
     indices = torch.empty(n_rows, k, dtype=torch.long, device=x.device)
     groups = _group_count(n_latents, k)
     chunk_rows = max(1, min(chunk_rows or CHUNK_ELEMENTS // n_latents, n_rows))
-    approx_buffer = _workspace(chunk_rows, n_latents, torch.bfloat16, x.device)
+    approx_buffer = workspace(chunk_rows, n_latents, torch.bfloat16, x.device)
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
         chunk = x[start:stop]  # [r, d]

@@ -59,13 +59,15 @@ def accumulate_gradients(
     sum_: SumFn = _identity,
     matmul_dtype: torch.dtype | None = None,
     micro_batch_tokens: int | None = None,
+    screen: bool = False,
 ) -> StepTerms:
     """Set each parameter's ``.grad`` to this process's share of the gradient of
     ``mean_l FVU_l + alpha * AuxK`` over the global batch, going through x [b, L, d] in micro-batches.
     W_dec's gradient has each row's component along the row removed (SPEC 3).
 
     ``sum_`` sums a tensor over processes (in place); summed over processes, the gradients are the
-    one-process gradient of the whole global batch.
+    one-process gradient of the whole global batch. ``screen``: the encoder picks its latents with the
+    exact bfloat16 screen (``topk_encode(..., screen=True)``).
     """
     b, n_layers, d = x.shape
     params = (model.W_enc, model.W_dec, model.b_pre)
@@ -78,7 +80,9 @@ def accumulate_gradients(
     aux_squared = torch.zeros((), dtype=torch.float64, device=x.device)
     moments = ResidualMoments(d, x.device)
     for part in x.split(micro_batch_tokens or b):
-        out = model.reconstruct(part, dead_latents=dead_latents, matmul_dtype=matmul_dtype, project_decoder_grad=True)
+        out = model.reconstruct(
+            part, dead_latents=dead_latents, matmul_dtype=matmul_dtype, project_decoder_grad=True, screen=screen
+        )
         part_fvu = fvu_per_layer(part, out.x_hat.view(part.shape), total_variance)  # [L]
         if out.aux_indices.shape[1] > 0:  # some latents are dead: AuxK explains the residual with them
             error = (out.z - out.z_hat).detach()  # [N, d], standardized space: the target carries no gradient
@@ -118,11 +122,12 @@ def train_step(
     dist: Distributed | None = None,
     matmul_dtype: torch.dtype | None = None,
     micro_batch_tokens: int | None = None,
+    screen: bool = False,
 ) -> dict[str, Any]:
     """One optimizer step on x [b, L, d] (this process's share of the global batch). Returns its metrics."""
     sum_ = dist.all_reduce_sum_ if dist is not None else _identity
     dead = tracker.dead_latents() if auxk_alpha > 0 else None  # [n_dead], counted before this batch
-    terms = accumulate_gradients(model, x, dead, auxk_alpha, sum_, matmul_dtype, micro_batch_tokens)
+    terms = accumulate_gradients(model, x, dead, auxk_alpha, sum_, matmul_dtype, micro_batch_tokens, screen)
     for param in model.parameters():
         sum_(param.grad)
     optimizer.step()

@@ -12,12 +12,13 @@ R*K*d work instead of R*n*d.
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
 
+from .screened_topk import EncoderScreen, screened_topk
 from .sparse_ops import latent_sums, scatter_weighted_rows, weighted_row_sum
+from .workspace import workspace
 
 # Pre-activations per chunk: enough rows for the matmul to run at full speed (on CPU 2048 rows at
 # n = 32768, 256 MiB in float32; on a GPU 4x that, 512 MiB in bfloat16); the buffer is reused by every
@@ -39,27 +40,18 @@ class TopKCodes(NamedTuple):
     """[N, k_aux] their latent indices."""
 
 
-_workspaces: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [rows, cols] scratch buffer kept between calls (one per thread): a fresh 256 MiB tensor every
-    step costs ~50 ms of page faults on CPU, a tenth of the matmul that fills it."""
-    key = (threading.get_ident(), device, dtype)
-    buffer = _workspaces.get(key)
-    if buffer is None or buffer.numel() < rows * cols:
-        _workspaces.pop(key, None)
-        buffer = _workspaces[key] = torch.empty(rows * cols, dtype=dtype, device=device)
-    return buffer[: rows * cols].view(rows, cols)
-
-
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, b_pre, W_enc, k, dead_latents, k_aux, chunk_rows, matmul_dtype):
+    def forward(ctx, z, b_pre, W_enc, k, dead_latents, k_aux, chunk_rows, matmul_dtype, screen):
         # z: [N, d], b_pre: [d], W_enc: [n, d], dead_latents: [n_dead] int64 or None
         n_rows = z.shape[0]
         n_latents = W_enc.shape[0]
         centred = z - b_pre  # [N, d]
+        if screen:  # the same top-k (float32 values) from the bfloat16 screen; the backward is unchanged
+            values, indices, aux_values, aux_indices = _screened_codes(centred, W_enc, k, dead_latents, k_aux)
+            ctx.save_for_backward(centred, W_enc, indices, aux_indices)
+            ctx.mark_non_differentiable(indices, aux_indices)
+            return values, indices, aux_values, aux_indices
         weight = W_enc.to(matmul_dtype)  # a no-op in float32
         centred_mm = centred.to(matmul_dtype)
         k_aux = 0 if dead_latents is None else min(k_aux, dead_latents.numel())
@@ -70,7 +62,7 @@ class _TopKEncode(torch.autograd.Function):
         aux_values = z.new_empty(n_rows, k_aux)
         aux_indices = torch.empty(n_rows, k_aux, dtype=torch.long, device=z.device)
         chunk_rows = max(1, min(chunk_rows, n_rows))
-        buffer = _workspace(chunk_rows, n_latents, matmul_dtype, z.device)
+        buffer = workspace(chunk_rows, n_latents, matmul_dtype, z.device)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
             pre = torch.mm(centred_mm[start:stop], weight.t(), out=buffer[: stop - start])  # [rows, n]
@@ -106,7 +98,18 @@ class _TopKEncode(torch.autograd.Function):
                 grad_b_pre = -grad_z.sum(0)
             else:  # sum over rows first: an [n] vector times W_enc instead of an [N, d] gather
                 grad_b_pre = -(latent_sums(indices, grad_values, n_latents) @ W_enc)  # [d]
-        return grad_z, grad_b_pre, grad_W_enc, None, None, None, None, None
+        return grad_z, grad_b_pre, grad_W_enc, None, None, None, None, None, None
+
+
+def _screened_codes(centred: torch.Tensor, W_enc: torch.Tensor, k: int, dead_latents: torch.Tensor | None, k_aux: int):
+    """:class:`TopKCodes` of centred [N, d] by the bfloat16 screen: the top-k over all latents, and the
+    top-k_aux over the dead ones (a screen of their rows alone)."""
+    values, indices = screened_topk(centred, EncoderScreen(W_enc), k)  # [N, k] each
+    k_aux = 0 if dead_latents is None else min(k_aux, dead_latents.numel())
+    if not k_aux:
+        return values, indices, values.new_empty(values.shape[0], 0), indices.new_empty(values.shape[0], 0)
+    aux_values, aux_positions = screened_topk(centred, EncoderScreen(W_enc[dead_latents]), k_aux)  # [N, k_aux]
+    return values, indices, aux_values, dead_latents[aux_positions]
 
 
 def topk_encode(
@@ -118,12 +121,15 @@ def topk_encode(
     k_aux: int = 0,
     chunk_rows: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    screen: bool = False,
 ) -> TopKCodes:
     """Top-k of ``(z - b_pre) @ W_enc.T`` per row, and top-k_aux of it among ``dead_latents``.
 
     z: [N, d]; b_pre: [d]; W_enc: [n, d]; dead_latents: 1-D int64 latent indices or None.
     Values are pre-activations (apply ReLU after). Differentiable in z, b_pre and W_enc.
     ``matmul_dtype`` (e.g. bfloat16 on CUDA) is used for the matmul only; values come back in z's dtype.
+    ``screen``: pick the latents with the exact bfloat16 screen of :mod:`.screened_topk` (the same
+    latents as float32 but for float32 ties, float32 values; ignores ``matmul_dtype`` and ``chunk_rows``).
     """
     if chunk_rows is None:
         elements = CHUNK_ELEMENTS_CPU if z.device.type == "cpu" else CHUNK_ELEMENTS_GPU
@@ -131,6 +137,6 @@ def topk_encode(
     if dead_latents is not None and dead_latents.numel() == 0:
         dead_latents = None
     values, indices, aux_values, aux_indices = _TopKEncode.apply(
-        z, b_pre, W_enc, k, dead_latents, k_aux, chunk_rows, matmul_dtype or z.dtype
+        z, b_pre, W_enc, k, dead_latents, k_aux, chunk_rows, matmul_dtype or z.dtype, screen
     )
     return TopKCodes(values, indices, aux_values, aux_indices)

@@ -23,6 +23,7 @@ from .distributed import Distributed
 from .geometric_median import geometric_median
 from .metrics_log import MetricsLog, check_loggers_available
 from .model import MultiLayerSAE, standardize
+from .screened_topk import bf16_matmul_is_fast
 from .step import make_optimizer, train_step
 
 
@@ -157,10 +158,19 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
     return run
 
 
+def use_screen(choice: str, device: torch.device) -> bool:
+    """--screen: on, off, or auto (on for CPUs with fast bfloat16 matmuls; on CUDA the trainer keeps its
+    bfloat16 encoder matmul, as the screen's speed there is not measured)."""
+    if choice == "auto":
+        return device.type == "cpu" and bf16_matmul_is_fast(device)
+    return choice == "on"
+
+
 def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: range, total_steps: int, log) -> dict:
     """Run ``steps``, logging every step and checkpointing every ``save_every_tokens`` and at the end."""
     device = dist.device
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # mixed precision: the encoder matmul
+    screen = use_screen(config.screen, device)
     bar = tqdm(
         total=total_steps, initial=steps.start, unit="step", disable=not (config.progress and dist.is_main),
         dynamic_ncols=True, file=sys.stderr,
@@ -175,7 +185,7 @@ def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: 
             x = x.to(device, non_blocking=True)
             metrics = train_step(
                 model, optimizer, tracker, x, config.batch_tokens, config.auxk_alpha, dist, matmul_dtype,
-                config.micro_batch_tokens,
+                config.micro_batch_tokens, screen,
             )  # fmt: skip
             now = time.perf_counter()
             tokens = (step + 1) * config.batch_tokens

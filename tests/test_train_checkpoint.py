@@ -135,3 +135,24 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_the_bfloat16_screen_trains_as_the_float32_kernel_and_resumes_bit_for_bit(cache, tmp_path):
+    """--screen on (exact bfloat16 screen) and off (float32 kernel): the same run up to float32 rounding,
+    each resumed bit for bit. The module's other tests run --screen auto, which is either."""
+    finals = {}
+    for screen in ("on", "off"):
+        full, resumed = tmp_path / f"full-{screen}", tmp_path / f"resumed-{screen}"
+        train(config(cache, full, screen=screen))
+        train(config(cache, resumed, screen=screen), stop_after_steps=5)
+        train(config(cache, resumed, screen=screen, resume=True))
+        finals[screen] = weights_and_state(full)
+        for name, tensor in weights_and_state(resumed).items():
+            assert torch.equal(finals[screen][name], tensor), (screen, name)
+    assert max(row["dead_fraction"] for row in metrics(tmp_path / "full-on")) > 0  # AuxK took part
+    for name, on in finals["on"].items():
+        off = finals["off"][name]
+        if on.is_floating_point():
+            torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(on, off), name

@@ -194,8 +194,8 @@ def test_reconstruct_with_the_screen_equals_the_float32_forward():
     x = torch.randn(50, 3, 48, generator=g) * 4 + 1
     with torch.no_grad():
         plain = sae.reconstruct(x)
-        screened = sae.reconstruct(x, screen=EncoderScreen(sae.W_enc))
-        values, indices = sae.encode(x, screen=EncoderScreen(sae.W_enc))
+        screened = sae.reconstruct(x, screen=True)
+        values, indices = sae.encode(x, screen=True)
     assert torch.equal(plain.indices.sort(1).values, screened.indices.sort(1).values)
     torch.testing.assert_close(screened.x_hat, plain.x_hat, rtol=1e-5, atol=1e-5)
     assert screened.aux_values.shape == (150, 0)
@@ -203,19 +203,28 @@ def test_reconstruct_with_the_screen_equals_the_float32_forward():
     torch.testing.assert_close(values.reshape(-1, 12).sort(1).values, plain.values.sort(1).values)
 
 
-def test_the_screen_refuses_training_and_stale_weights():
-    sae = MultiLayerSAE(16, 64, 4, generator=torch.Generator().manual_seed(7))
-    x = torch.randn(10, 16)
-    screen = EncoderScreen(sae.W_enc)
-    with pytest.raises(ValueError, match="torch.no_grad"):
-        sae.reconstruct(x, screen=screen)
-    with torch.no_grad(), pytest.raises(ValueError, match="AuxK"):
-        sae.reconstruct(x, dead_latents=torch.arange(3), screen=screen)
+def test_training_through_the_screen_has_the_float32_kernels_auxk_and_gradients():
+    g = torch.Generator().manual_seed(7)
+    sae = MultiLayerSAE(32, 512, 8, layers=[0, 1], generator=g)
     with torch.no_grad():
-        sae.W_enc.mul_(2)  # an optimizer step, say
-        with pytest.raises(ValueError, match="made from other"):
-            sae.reconstruct(x, screen=screen)
-        sae.reconstruct(x, screen=EncoderScreen(sae.W_enc))  # a fresh one works
+        sae.b_pre.normal_(generator=g)
+    x = torch.randn(60, 2, 32, generator=g) * 3
+    dead = torch.arange(0, 512, 3)  # 171 "dead" latents: AuxK's top-k_aux (16) is picked among them
+    results = []
+    for screen in (False, True):
+        sae.zero_grad()
+        out = sae.reconstruct(x, dead_latents=dead, project_decoder_grad=True, screen=screen)
+        loss = (out.x_hat - x.reshape(-1, 32)).pow(2).sum() + out.aux_values.square().sum()
+        loss.backward()
+        results.append((out, [p.grad.clone() for p in (sae.W_enc, sae.W_dec, sae.b_pre)]))
+    (plain, plain_grads), (screened, screened_grads) = results
+    assert torch.equal(plain.indices.sort(1).values, screened.indices.sort(1).values)
+    assert screened.aux_indices.shape == plain.aux_indices.shape == (120, 16)
+    assert torch.equal(plain.aux_indices.sort(1).values, screened.aux_indices.sort(1).values)
+    assert torch.isin(screened.aux_indices, dead).all()
+    torch.testing.assert_close(screened.aux_values.sort(1).values, plain.aux_values.sort(1).values, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(screened_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_matmul_is_fast_answers_for_each_device():
