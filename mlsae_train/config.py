@@ -47,10 +47,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available. CUDA uses bfloat16 matmuls, CPU float32."""
 
-    screen: Literal["auto", "on", "off"] = "auto"
+    screen: Literal["auto", "on", "off"] = "off"
     """Encoder top-k kernel: 'on' picks the latents with a bfloat16 matmul and recomputes the candidates in
-    float32 (the float32 kernel's latents, values and gradients; ~1.7x faster steps on AMX CPUs), 'off'
-    the float32 kernel (bfloat16 matmul on CUDA), 'auto' on for CPUs with AMX or AVX-512 BF16."""
+    float32 (the float32 kernel's latents, values and gradients; steps ~2x faster on AMX CPUs), 'off' (the
+    default) the float32 kernel (bfloat16 matmul on CUDA), 'auto' on for CPUs with AMX or AVX-512 BF16."""
 
     resume: bool = False
     """Continue the run in --out from its last checkpoint (same settings required)."""
