@@ -20,7 +20,7 @@ from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, co
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.lens import Lens, load_lens_for_model
 from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
-from mlsae_train.screened_topk import bf16_matmul_is_fast
+from mlsae_train.screened_topk import use_screen
 
 from . import plots
 from .config import AnalyseConfig
@@ -96,7 +96,7 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
     recon = ReconstructionMetrics(n_layers, sae.d_model, sae.n_latents)
     layer_means = data.cache.layer_means()[data.layer_columns]  # [nL, d]
     residual = ResidualStatistics(layers, layer_means)
-    screen = config.screen == "on" or (config.screen == "auto" and bf16_matmul_is_fast(config.device))
+    screen = use_screen(config.screen, config.device)
     latents_dir = encode_cache(
         data, out, n_tokens, [recon, residual], config.batch_tokens, config.device, config.progress, screen
     )

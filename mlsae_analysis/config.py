@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, require_positive
+from mlsae_train.screened_topk import ScreenChoice
 
 DEFAULT_PROMPT = "When John and Mary went to the store, John gave"
-SCREEN_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class AnalyseConfig:
     device: str = "cpu"
     """Device for the SAE and the language model (cpu or cuda)."""
 
-    screen: Literal["auto", "on", "off"] = "auto"
+    screen: ScreenChoice = "auto"
     """Top-k kernel of the encode pass and the decoder-neighbour search: 'on' picks the candidates with a
     bfloat16 matmul and recomputes them in float32 (the same latents and values as float32, ~2x faster on
     AMX CPUs and GPUs), 'off' uses float32 throughout, 'auto' screens where bfloat16 matmuls are fast."""
@@ -65,20 +65,16 @@ class AnalyseConfig:
 
     def check(self) -> None:
         """Reject settings that cannot work, before anything is read or written."""
-        positive = {
+        require_positive({
             "--batch-tokens": self.batch_tokens,
             "--lm-batch-size": self.lm_batch_size,
             "--n-examples": self.n_examples,
             "--mmcs-chunk": self.mmcs_chunk,
-        }
-        if self.max_tokens is not None:
-            positive["--max-tokens"] = self.max_tokens
-        if self.downstream_sequences is not None:
-            positive["--downstream-sequences"] = self.downstream_sequences
-        for flag, value in positive.items():
-            if not value > 0:
-                raise MlsaeError(f"{flag} must be positive, got {value}")
-        if self.screen not in SCREEN_CHOICES:
-            raise MlsaeError(f"--screen must be one of {', '.join(SCREEN_CHOICES)}, got {self.screen!r}")
+            "--max-tokens": self.max_tokens,
+            "--downstream-sequences": self.downstream_sequences,
+        })  # fmt: skip
+        choices = get_args(ScreenChoice)
+        if self.screen not in choices:
+            raise MlsaeError(f"--screen must be one of {', '.join(choices)}, got {self.screen!r}")
         if self.context_tokens < 0:
             raise MlsaeError(f"--context-tokens must be >= 0, got {self.context_tokens}")

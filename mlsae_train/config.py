@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, require_positive
+
+from .screened_topk import ScreenChoice
 
 
 @dataclass
@@ -47,7 +49,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available. CUDA uses bfloat16 matmuls, CPU float32."""
 
-    screen: Literal["auto", "on", "off"] = "off"
+    screen: ScreenChoice = "off"
     """Encoder top-k kernel: 'on' picks the latents with a bfloat16 matmul and recomputes the candidates in
     float32 (the float32 kernel's latents, values and gradients; steps ~2x faster on AMX CPUs), 'off' (the
     default) the float32 kernel (bfloat16 matmul on CUDA), 'auto' on for CPUs with AMX or AVX-512 BF16."""
@@ -80,7 +82,7 @@ class TrainConfig:
         """Reject settings that cannot work, before anything is read or written."""
         if not self.shards:
             raise MlsaeError("no --shards given; name at least one cache directory written by mlsae-cache")
-        positive = {
+        require_positive({
             "--expansion-factor": self.expansion_factor,
             "-k": self.k,
             "--batch-tokens": self.batch_tokens,
@@ -88,14 +90,9 @@ class TrainConfig:
             "--epochs": self.epochs,
             "--dead-tokens": self.dead_tokens,
             "--save-every-tokens": self.save_every_tokens,
-        }
-        if self.max_tokens is not None:
-            positive["--max-tokens"] = self.max_tokens
-        if self.micro_batch_tokens is not None:
-            positive["--micro-batch-tokens"] = self.micro_batch_tokens
-        for flag, value in positive.items():
-            if not value > 0:
-                raise MlsaeError(f"{flag} must be positive, got {value}")
+            "--max-tokens": self.max_tokens,
+            "--micro-batch-tokens": self.micro_batch_tokens,
+        })  # fmt: skip
         if self.auxk_alpha < 0:
             raise MlsaeError(f"--auxk-alpha must be >= 0, got {self.auxk_alpha}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):

@@ -28,6 +28,8 @@ latent, and a relative 2^-10 plus 2^-100 more for subnormals that AMX flushes to
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -41,6 +43,18 @@ SUBNORMAL_MARGIN = 2.0**-100
 MAX_GROUPS = 8  # the column groups whose maxima give the threshold (strided: group g holds columns g, g + n/S, ...)
 PAD_WIDTH = 4  # candidates per row kept in the first top-k table, in units of k (rows with more get a second)
 CHUNK_ELEMENTS = 1 << 26  # bfloat16 pre-activations per chunk of rows (128 MiB, reused)
+
+
+ScreenChoice = Literal["auto", "on", "off"]  # the --screen option of mlsae-train and mlsae-analyse
+
+
+def use_screen(choice: str, device: torch.device | str, auto_on_gpu: bool = True) -> bool:
+    """Whether --screen ``choice`` screens on ``device``: on, off, or auto (where bfloat16 matmuls are
+    fast; on GPUs only if ``auto_on_gpu``: the trainer keeps its bfloat16 encoder matmul there, as the
+    screen's training speed on a GPU is not measured)."""
+    if choice != "auto":
+        return choice == "on"
+    return bf16_matmul_is_fast(device) and (auto_on_gpu or torch.device(device).type == "cpu")
 
 
 def bf16_matmul_is_fast(device: torch.device | str) -> bool:

@@ -23,7 +23,7 @@ from .distributed import Distributed
 from .geometric_median import geometric_median
 from .metrics_log import MetricsLog, check_loggers_available
 from .model import MultiLayerSAE, standardize
-from .screened_topk import bf16_matmul_is_fast
+from .screened_topk import use_screen
 from .step import make_optimizer, train_step
 
 
@@ -158,19 +158,11 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
     return run
 
 
-def use_screen(choice: str, device: torch.device) -> bool:
-    """--screen: on, off, or auto (on for CPUs with fast bfloat16 matmuls; on CUDA the trainer keeps its
-    bfloat16 encoder matmul, as the screen's speed there is not measured)."""
-    if choice == "auto":
-        return device.type == "cpu" and bf16_matmul_is_fast(device)
-    return choice == "on"
-
-
 def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: range, total_steps: int, log) -> dict:
     """Run ``steps``, logging every step and checkpointing every ``save_every_tokens`` and at the end."""
     device = dist.device
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # mixed precision: the encoder matmul
-    screen = use_screen(config.screen, device)
+    screen = use_screen(config.screen, device, auto_on_gpu=False)
     bar = tqdm(
         total=total_steps, initial=steps.start, unit="step", disable=not (config.progress and dist.is_main),
         dynamic_ncols=True, file=sys.stderr,
