@@ -18,8 +18,10 @@ import torch
 
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import record_files
 from mlsae_cache.lens import Lens, load_lens_for_model
 from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
+from mlsae_cache.path_kinds import require_cache_path, require_run_path
 from mlsae_train.screened_topk import use_screen
 
 from . import plots
@@ -29,9 +31,9 @@ from .encode import TOKENS_FILE, encode_cache, scan_latents
 from .examples import top_examples
 from .files import atomic_write, write_csv, write_fresh_directory, write_parquet
 from .html_report import write_analysis_html
-from .inputs import RunAndCache, open_run_and_cache
+from .inputs import RunAndCache, open_run_and_cache, verify_cache_shards
 from .layer_distributions import latent_layer_table, layer_statistics, variance_ratios, write_layer_distributions
-from .metrics import ReconstructionMetrics
+from .metrics import NormOutliers, ReconstructionMetrics, concentration_warnings
 from .mmcs import mean_and_std
 from .neighbours import NEIGHBOURS_FILE, decoder_neighbours
 from .prompt import prompt_latents, prompt_tokens
@@ -39,6 +41,8 @@ from .residual import ResidualStatistics
 from .single_prompt import single_prompt_layer_table
 
 PER_LAYER_CURVES = ("fvu", "mse", "l1", "delta_ce")
+# an analysis stopped half-way keeps nothing (--out appears only complete): what Ctrl-C and a full disk say
+NOTHING_KEPT = "nothing was kept (--out is written only once the analysis has finished); run the same command again to start over"
 
 
 def build_parser() -> OneLineErrorParser:
@@ -75,9 +79,11 @@ def _load_language_model(config: AnalyseConfig, data: RunAndCache):
 
 
 def _metrics_table(per_layer: pl.DataFrame, dead_any: float) -> pl.DataFrame:
-    """Per-layer rows plus a `mean` row (mean over layers; dead fraction over all layers together)."""
+    """Per-layer rows plus a `mean` row (every column the mean over layers); `dead_every_layer`, the
+    fraction of latents never active at any layer, is set on the mean row only (metrics.py)."""
     numeric = [c for c in per_layer.columns if c not in ("layer", "layer_index")]
-    mean_row = per_layer.select(pl.col(numeric).mean()).with_columns(dead_fraction=pl.lit(dead_any))
+    per_layer = per_layer.with_columns(dead_every_layer=pl.lit(float("nan")))
+    mean_row = per_layer.select(pl.col(numeric).mean()).with_columns(dead_every_layer=pl.lit(dead_any))
     rows = per_layer.with_columns(pl.col("layer").cast(pl.String)).drop("layer_index")
     return pl.concat([rows, mean_row.with_columns(layer=pl.lit("mean")).select(rows.columns)], how="vertical_relaxed")
 
@@ -85,8 +91,10 @@ def _metrics_table(per_layer: pl.DataFrame, dead_any: float) -> pl.DataFrame:
 def analyse(config: AnalyseConfig, out: Path) -> dict:
     """Write every output into ``out`` (a fresh directory); returns the summary."""
     config.check()
-    data = open_run_and_cache(config.run, config.shards)
+    data = open_run_and_cache(config.run, config.shards, config.allow_unfinished)
     n_tokens = data.cache.n_tokens if config.max_tokens is None else min(config.max_tokens, data.cache.n_tokens)
+    if config.verify:  # a damaged shard would pass for data: MSE 30x off, exit 0
+        verify_cache_shards(data.cache, n_tokens, config.progress)
     model, tokenizer, lens = _load_language_model(config, data)
     layers = data.layers
     n_layers = len(layers)
@@ -94,15 +102,20 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
 
     out.mkdir(parents=True)
     recon = ReconstructionMetrics(n_layers, sae.d_model, sae.n_latents)
+    outliers = NormOutliers(n_layers, n_tokens)
     layer_means = data.cache.layer_means()[data.layer_columns]  # [nL, d]
     residual = ResidualStatistics(layers, layer_means)
     screen = use_screen(config.screen, config.device)
     latents_dir = encode_cache(
-        data, out, n_tokens, [recon, residual], config.batch_tokens, config.device, config.progress, screen
+        data, out, n_tokens, [recon, residual, outliers], config.batch_tokens, config.device, config.progress, screen
     )
 
     # metrics.csv (Table 1) and figs 9-11
-    per_layer = pl.DataFrame({"layer": layers, "layer_index": list(range(n_layers)), **recon.per_layer()})
+    outlier_columns = outliers.per_layer(recon, lambda ids: data.cache.read(ids, data.layer_columns))
+    per_layer = pl.DataFrame({"layer": layers, "layer_index": list(range(n_layers)), **recon.per_layer(), **outlier_columns})
+    warnings = concentration_warnings(layers, outlier_columns["var_share_top_1pct"], n_tokens)
+    for line in warnings:
+        print(line, file=sys.stderr)
     if model is not None:
         tokens = pl.read_parquet(latents_dir / TOKENS_FILE)
         sequences = np.unique(tokens["sequence"].to_numpy())
@@ -186,14 +199,20 @@ def analyse(config: AnalyseConfig, out: Path) -> dict:
         "mmcs_mean": mmcs_mean,
         "mmcs_std": mmcs_std,
         "variance_ratios": ratios,
+        "training": data.training,  # steps and tokens trained and planned (null: not recorded with the weights)
+        "warnings": warnings,
     }
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=float) + "\n"))
+    record_files(out)  # checksums.json, after every file it covers; readers (report, HTML) verify against it
     return summary
 
 
 def _analyse_main(argv: Sequence[str] | None) -> int:
     config: AnalyseConfig = config_from_args(AnalyseConfig, build_parser().parse_args(argv))
     out = Path(config.out)
+    config.check()
+    require_run_path(config.run)  # a path of the wrong kind is named as such, before --out is touched
+    require_cache_path(config.shards, "--shards")
 
     def fill(partial: Path) -> None:
         analyse(config, partial)
@@ -214,7 +233,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(_main, argv)
+    return run_command(_main, argv, resumes=NOTHING_KEPT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import get_args
 
@@ -63,6 +64,12 @@ class AnalyseConfig:
     progress: bool = True
     """Show progress bars."""
 
+    allow_unfinished: bool = False
+    """Analyse a run stopped before its last training step (killed, or its disk filled); summary.json records how far it got."""
+
+    verify: bool = True
+    """Check the checksum of every cache shard read before encoding (--no-verify skips this pass over the shards)."""
+
     def check(self) -> None:
         """Reject settings that cannot work, before anything is read or written."""
         require_positive({
@@ -78,3 +85,16 @@ class AnalyseConfig:
             raise MlsaeError(f"--screen must be one of {', '.join(choices)}, got {self.screen!r}")
         if self.context_tokens < 0:
             raise MlsaeError(f"--context-tokens must be >= 0, got {self.context_tokens}")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise MlsaeError(f"unknown --device {self.device}; use cpu or cuda (or cuda:N)")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise MlsaeError(f"--device {self.device} was asked for but no CUDA GPU is visible; use --device cpu")
+            index, visible = int(self.device.partition(":")[2] or 0), torch.cuda.device_count()
+            if index >= visible:
+                raise MlsaeError(f"--device {self.device}: only {visible} CUDA GPU(s) are visible; use cuda:0 .. cuda:{visible - 1}")

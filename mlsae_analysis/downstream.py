@@ -97,7 +97,10 @@ def downstream_metrics(
     clean_ce = 0.0
     spliced_ce = np.zeros(len(layers))
     kl_sum = np.zeros(len(layers))
-    bar = tqdm(total=n_sequences * len(layers), unit="seq", desc="splice", disable=not progress)
+    # one unit = one sequence spliced at one layer (each needs a forward pass of the blocks after it)
+    bar = tqdm(total=n_sequences * len(layers), unit="seq·layer", desc=f"splice {n_sequences} seq x {len(layers)} layers",
+               disable=not progress)  # fmt: skip
+    n_batches = -(-n_sequences // batch_size)
     for start in range(0, n_sequences, batch_size):
         ids = input_ids[start : start + batch_size].to(device)  # [B, S]
         mask = kept[start : start + batch_size].to(device)  # [B, S]
@@ -122,6 +125,7 @@ def downstream_metrics(
             spliced_ce[index] += float(_ce_per_sequence(spliced_logits, ids).sum())
             kl_sum[index] += float(_kl_per_sequence(clean_logits, spliced_logits).sum())
             bar.update(ids.shape[0])
+            bar.set_postfix_str(f"batch {start // batch_size + 1}/{n_batches}, layer {index + 1}/{len(layers)}", refresh=False)
     bar.close()
     n_predictions = n_sequences * (seq_len - 1)
     ce_clean = clean_ce / n_predictions

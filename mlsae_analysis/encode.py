@@ -17,6 +17,11 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
+from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import recorded_files, verify_files
+from mlsae_cache.shard_format import first_non_finite
+from mlsae_cache.parallel_read import HostBuffers, RowReader, default_workers
+
 from .files import write_parquet
 from .inputs import RunAndCache
 
@@ -58,39 +63,61 @@ def encode_cache(
     device: str = "cpu",
     progress: bool = True,
     screen: bool = False,
+    workers: int | None = None,
 ) -> Path:
     """Encode the first ``n_tokens`` tokens of the cache; returns the latents directory.
 
     ``screen``: pick the top-k latents with the exact bfloat16 screen (:mod:`mlsae_train.screened_topk`)
     instead of the trainer's float32 kernel.
 
-    The next batch is read from the cache and the previous batch's latents are written to parquet in
-    two helper threads while the SAE encodes the current batch (both release the GIL for their I/O and
-    conversions), so the pass runs at the speed of the encoder.
+    The next batch is read from the cache (by ``workers`` threads, None: sized to the cores) and the
+    previous batch's latents are written to parquet in helper threads while the SAE encodes the current
+    batch (both release the GIL for their I/O and conversions), so the pass runs at the speed of the
+    encoder. Batches cross to the device in the cache's storage dtype and become float32 there.
     """
     latents_dir = Path(out) / LATENTS_DIR
     latents_dir.mkdir(parents=True, exist_ok=True)
     sae = data.sae.to(device)
+    cache = data.cache
     columns = data.layer_columns
-    all_columns = columns == list(range(data.cache.n_layers))
+    all_columns = columns == list(range(cache.n_layers))
+    buffers = HostBuffers(cache.dtype, pin_memory=torch.device(device).type == "cuda")
+    rows = RowReader(default_workers() if workers is None else workers)  # closed with the helper threads below
 
-    def read(start: int) -> np.ndarray:
-        acts = data.cache.read_range(start, min(start + batch_tokens, n_tokens))  # [B, nC, d] all cached layers
-        return acts if all_columns else np.ascontiguousarray(acts[:, columns])  # [B, nL, d] the SAE's layers
+    def read(start: int) -> torch.Tensor:
+        """Tokens [start, start + batch_tokens): [B, nL, d] the SAE's layers, storage dtype, on the host."""
+        stop = min(start + batch_tokens, n_tokens)
+        x, stored = buffers.take((stop - start, len(columns), cache.d_model))
+
+        def fill(a: int, b: int) -> None:
+            if all_columns:
+                cache.read_range(start + a, start + b, out_dtype="storage", out=stored[a:b])
+            else:  # only the SAE's layers are gathered
+                cache.read(np.arange(start + a, start + b), columns, out_dtype="storage", out=stored[a:b])
+
+        rows.run(stop - start, stored[:1].nbytes, fill)
+        bad = first_non_finite(stored, cache.dtype)
+        if bad is not None:  # as the trainer: a NaN in a shard whose checksum holds would poison every sum
+            shard, row = cache.locate(start + bad[0])
+            raise MlsaeError(
+                f"the activations of token {start + bad[0]} (shard {shard}, row {row} of cache {cache.root}) at layer "
+                f"{data.layers[bad[1]]} are NaN or infinite; rebuild that cache"
+            )
+        return x
 
     def write(part: int, start: int, values: torch.Tensor, indices: torch.Tensor) -> None:
         write_parquet(sparse_rows(start, values, indices), latents_dir / f"part-{part:05d}.parquet")
 
     starts = list(range(0, n_tokens, batch_tokens))
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="encode", disable=not progress)
-    with bar, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+    with bar, rows, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         next_acts = reader.submit(read, starts[0]) if starts else None
         written: Future | None = None
         for part, start in enumerate(starts):
             acts = next_acts.result()  # type: ignore[union-attr]
             if part + 1 < len(starts):
                 next_acts = reader.submit(read, starts[part + 1])
-            x = torch.from_numpy(acts).to(device)  # [B, nL, d]
+            x = acts.to(device, non_blocking=True).float()  # [B, nL, d] float32 made on the device
             recon = sae.reconstruct(x, screen=screen)
             shape = x.shape[:2]
             x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
@@ -104,7 +131,7 @@ def encode_cache(
             bar.update(x.shape[0])
         if written is not None:
             written.result()
-    tokens = data.cache.token_table().head(n_tokens).with_row_index("token").with_columns(pl.col("token").cast(pl.Int64))
+    tokens = cache.token_table().head(n_tokens).with_row_index("token").with_columns(pl.col("token").cast(pl.Int64))
     write_parquet(tokens, latents_dir / TOKENS_FILE)
     return latents_dir
 
@@ -112,3 +139,13 @@ def encode_cache(
 def scan_latents(latents_dir: Path) -> pl.LazyFrame:
     """The stored sparse latents, lazily, in token order (parts are named in token order)."""
     return pl.scan_parquet(str(Path(latents_dir) / PART_GLOB))
+
+
+def scan_verified_latents(analysis_dir: Path, fix: str = "analyse the run again with mlsae-analyse") -> pl.LazyFrame:
+    """The latents of a finished analysis (as :func:`scan_latents`), every part and the token table first
+    checked against the directory's checksums.json: the entry point for readers of finished analyses."""
+    analysis_dir = Path(analysis_dir)
+    recorded = recorded_files(analysis_dir)
+    names = None if recorded is None else [name for name in recorded if name.startswith(f"{LATENTS_DIR}/")]
+    verify_files(analysis_dir, names, fix)  # a part listed but missing is named too
+    return scan_latents(analysis_dir / LATENTS_DIR)

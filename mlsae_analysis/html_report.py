@@ -36,11 +36,14 @@ import polars as pl
 from mlsae_cache.atomic import atomic_write_text
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import record_files, verified
 
 from .layer_distributions import layer_prob_columns
 from .neighbours import NEIGHBOURS_FILE, write_run_neighbours
 
 REPORT_FILE = "report.html"
+# what to do about a damaged file of an analysis (or report) directory
+ANALYSIS_FIX = "analyse the run again with mlsae-analyse (or restore the file)"
 MAX_CONTEXTS = 5
 CONTEXT_RADIUS = 6
 MAX_TABLE_ROWS = 200  # rows rendered per table; the CSV beside the report has them all
@@ -146,13 +149,13 @@ def latent_browser_data(
     analysis_dir = Path(analysis_dir)
     summary = read_summary(analysis_dir)
     n_latents, layers = int(summary["n_latents"]), [int(layer) for layer in summary["layers"]]
-    table = pl.read_parquet(analysis_dir / "latent_layers.parquet")
+    table = pl.read_parquet(verified(analysis_dir / "latent_layers.parquet", ANALYSIS_FIX))
     ids = table["latent"].to_numpy()
     p_layer = table.select(layer_prob_columns(table)).to_numpy()  # [active latents, nL]
     if p_layer.shape[1] != len(layers):
         raise MlsaeError(f"latent_layers.parquet has {p_layer.shape[1]} layers but summary.json lists {len(layers)}; re-run the analysis")
 
-    contexts = trimmed_contexts(pl.read_parquet(analysis_dir / "examples.parquet"), max_contexts, context_radius)
+    contexts = trimmed_contexts(pl.read_parquet(verified(analysis_dir / "examples.parquet", ANALYSIS_FIX)), max_contexts, context_radius)
     lengths = contexts["context_ids"].list.len().to_numpy()  # [C]
     flat_ids = contexts["context_ids"].explode().drop_nulls().to_numpy()  # [sum of lengths]
     vocab_ids, token_index = np.unique(flat_ids, return_inverse=True)
@@ -192,7 +195,10 @@ def read_summary(analysis_dir: Path) -> dict:
     summary_file = analysis_dir / "summary.json"
     if not summary_file.exists():
         raise MlsaeError(f"{analysis_dir} holds no summary.json; give a directory written by mlsae-analyse")
-    return json.loads(summary_file.read_text())
+    try:
+        return json.loads(verified(summary_file, ANALYSIS_FIX).read_text())
+    except ValueError:
+        raise MlsaeError(f"{summary_file} is not valid JSON; {ANALYSIS_FIX}") from None
 
 
 def tokenizer_strings(name: str | None, required: bool = False) -> TokenStrings:
@@ -257,7 +263,7 @@ def tables_section(directory: Path, skip: Sequence[str] = ()) -> str:
     for csv in _ordered(list(directory.glob("*.csv")), list(TABLE_TITLES), lambda p: p.name):
         if csv.name in skip:
             continue
-        df = pl.read_csv(csv)
+        df = pl.read_csv(verified(csv, ANALYSIS_FIX))
         max_rows = MAX_TABLE_ROWS
         if "latent" in df.columns:  # one row per latent: show the strongest few
             max_rows = MAX_LATENT_TABLE_ROWS
@@ -277,7 +283,7 @@ def figures_section(directory: Path) -> str:
     parts = []
     for png in _ordered(list(directory.glob("*.png")), list(FIGURE_TITLES), lambda p: p.stem):
         title = FIGURE_TITLES.get(png.stem, png.stem)
-        data = png.read_bytes()
+        data = verified(png, ANALYSIS_FIX).read_bytes()
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         width = round(_png_width(data) * FIGURE_SCALE)
         parts.append(f'<figure class="card" style="width: {width}px"><img src="{uri}" alt="{html.escape(title)}" '
@@ -286,14 +292,32 @@ def figures_section(directory: Path) -> str:
     return f'<section id="figures"><h2>Figures</h2><div class="figures">{"".join(parts)}</div></section>' if parts else ""
 
 
+def _dead_cards(metrics: dict) -> list[tuple[str, object, str]]:
+    """The two dead fractions, each named for what it is. Analyses written before ``dead_every_layer``
+    existed stored the every-layer fraction as the mean row's ``dead_fraction``."""
+    if "dead_every_layer" not in metrics:
+        return [("dead at every layer", metrics.get("dead_fraction"), "latents never active at any layer on the test set")]
+    return [("dead per layer (mean)", metrics.get("dead_fraction"), "fraction of latents never active at a layer, averaged over layers"),
+            ("dead at every layer", metrics.get("dead_every_layer"), "latents never active at any layer on the test set")]  # fmt: skip
+
+
 def _summary_cards(summary: dict) -> str:
     metrics = summary.get("metrics_mean", {})
     ratios = summary.get("variance_ratios", {})
-    cards = [("FVU", metrics.get("fvu")), ("MSE", metrics.get("mse")), ("L0", metrics.get("l0")),
-             ("ΔCE", metrics.get("delta_ce")), ("dead", metrics.get("dead_fraction")), ("MMCS", summary.get("mmcs_mean")),
-             ("ratio 11", ratios.get("ratio_11")), ("ratio 12", ratios.get("ratio_12"))]  # fmt: skip
-    return "".join(f'<div class="stat"><div class="value">{_format_cell(v)}</div><div class="label">{k}</div></div>'
-                   for k, v in cards if v is not None)  # fmt: skip
+    cards = [("FVU", metrics.get("fvu"), "fraction of variance unexplained, mean over layers"),
+             ("MSE", metrics.get("mse"), "mean squared error, mean over layers"),
+             ("L0 sparsity", metrics.get("l0"), "active latents per token and layer"),
+             ("ΔCE", metrics.get("delta_ce"), "increase of the LM's loss with one layer spliced, mean over layers"),
+             *_dead_cards(metrics), ("MMCS", summary.get("mmcs_mean"), "mean max cosine similarity of decoder rows"),
+             ("ratio 11", ratios.get("ratio_11"), "eq. 11"), ("ratio 12", ratios.get("ratio_12"), "eq. 12")]  # fmt: skip
+    return "".join(f'<div class="stat" title="{html.escape(tip)}"><div class="value">{_format_cell(v)}</div>'
+                   f'<div class="label">{html.escape(k)}</div></div>' for k, v, tip in cards if v is not None)  # fmt: skip
+
+
+def _warnings_html(summary: dict) -> str:
+    """The analysis's warnings (e.g. a few tokens carrying most of a layer's variance), one line each."""
+    lines = [str(line).removeprefix("warning: ") for line in summary.get("warnings") or []]
+    return "".join(f'<p class="warning">⚠ {html.escape(line)}</p>' for line in lines)
 
 
 def _page(title: str, subtitle: str, nav: Sequence[tuple[str, str]], body: str, scripts: str = "") -> str:
@@ -310,11 +334,20 @@ def _json_script(element_id: str, data: dict) -> str:
     return f'<script type="application/json" id="{element_id}">{text}</script>'
 
 
+def _training_fact(training: dict | None) -> str | None:
+    """How far the SAE was trained, e.g. "1,000 of 1,000 steps (131,072,000 tokens)"; None when not recorded."""
+    if not training:
+        return None
+    fact = f"{training['steps']:,} of {training['total_steps']:,} steps ({training['tokens']:,} tokens)"
+    return fact if training.get("finished", True) else fact + ", UNFINISHED"
+
+
 def _facts(summary: dict) -> str:
     layers = summary.get("layers") or []
     facts = [("model", summary.get("model")), ("layers", f"{layers[0]}–{layers[-1]} ({len(layers)})" if layers else None),
              ("d_model", summary.get("d_model")), ("latents", summary.get("n_latents")), ("k", summary.get("k")),
-             ("tokens analysed", summary.get("n_tokens")), ("run", summary.get("run")), ("cache", summary.get("cache"))]  # fmt: skip
+             ("tokens analysed", summary.get("n_tokens")), ("trained", _training_fact(summary.get("training"))),
+             ("run", summary.get("run")), ("cache", summary.get("cache"))]  # fmt: skip
     return " · ".join(f"{k} <b>{html.escape(str(v))}</b>" for k, v in facts if v is not None)
 
 
@@ -325,8 +358,9 @@ def _resolve_neighbours(analysis_dir: Path, run_dir: str | Path | None, progress
     """With a run: (re)compute neighbours.parquet from its decoder. Without: the stored one, if any."""
     if run_dir is not None:
         write_run_neighbours(run_dir, analysis_dir, progress=progress, device=device)
+        record_files(analysis_dir, [NEIGHBOURS_FILE], create=False)
     path = analysis_dir / NEIGHBOURS_FILE
-    return pl.read_parquet(path) if path.exists() else None
+    return pl.read_parquet(verified(path, ANALYSIS_FIX)) if path.exists() else None
 
 
 def write_analysis_html(
@@ -358,14 +392,22 @@ def write_analysis_html(
     model = Path(str(summary.get("model"))).name
     title = f"MLSAE analysis: {model}, R={summary.get('expansion_factor')}, k={summary.get('k')}"
     body = (
-        f'<section id="summary"><div class="stats">{_summary_cards(summary)}</div></section>'
+        f'<section id="summary">{_warnings_html(summary)}<div class="stats">{_summary_cards(summary)}</div></section>'
         + _template("browser.html")
         + tables_section(analysis_dir)
         + figures_section(analysis_dir)
     )
     scripts = _json_script("latent-data", data) + f"<script>{_template('browser.js')}</script>"
     nav = [("browser", "Latent browser"), ("tables", "Tables"), ("figures", "Figures")]
-    return atomic_write_text(out_file, _page(title, _facts(summary), nav, body, scripts))
+    written = atomic_write_text(out_file, _page(title, _facts(summary), nav, body, scripts))
+    _record_if_inside(analysis_dir, written)
+    return written
+
+
+def _record_if_inside(directory: Path, written: Path) -> None:
+    """Add a page written into an analysis or report directory to its checksum record (if it has one)."""
+    if written.parent.resolve() == directory.resolve():
+        record_files(directory, [written.name], create=False)
 
 
 def write_sweep_html(
@@ -407,7 +449,9 @@ def write_sweep_html(
     body = runs + tables_section(report_dir) + figures_section(report_dir)
     nav = [("runs", "Runs"), ("tables", "Tables"), ("figures", "Figures")]
     subtitle = f"{len(rows)} runs · {html.escape(str(report_dir.resolve()))}"
-    return atomic_write_text(out_file, _page("MLSAE sweep report", subtitle, nav, body))
+    written = atomic_write_text(out_file, _page("MLSAE sweep report", subtitle, nav, body))
+    _record_if_inside(report_dir, written)
+    return written
 
 
 # ----------------------------------------------------------------------------- command line

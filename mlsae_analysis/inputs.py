@@ -6,13 +6,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from safetensors import SafetensorError
 
 from mlsae_cache import open_cache
-from mlsae_cache.errors import MlsaeError
-from mlsae_cache.reader import Cache
-from mlsae_train import MultiLayerSAE, load_sae
-from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE
+from mlsae_cache import shard_format as sf
+from mlsae_cache.errors import CacheError, MlsaeError
+from mlsae_cache.integrity import verify_files
+from mlsae_cache.reader import Cache, verify_shards
+from mlsae_train import MultiLayerSAE
+from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress
 
 
 @dataclass
@@ -25,6 +28,8 @@ class RunAndCache:
     """For each layer of the SAE's layer axis, its position in the cache's layer axis."""
     run_info: dict
     """The run's config.json (empty when only a safetensors file was given)."""
+    training: dict | None = None
+    """How far the weights were trained: step, tokens, total_steps, total_tokens (None when not recorded)."""
 
     @property
     def layers(self) -> list[int]:
@@ -37,14 +42,16 @@ def read_run_info(run: Path) -> dict:
     config_file = (run if run.is_dir() else run.parent) / CONFIG_FILE
     if not config_file.exists():
         return {}
+    verify_files(config_file.parent, [CONFIG_FILE], "point --run at an intact run directory", warn_unrecorded=False)
     try:
         return json.loads(config_file.read_text())
     except ValueError:
         raise MlsaeError(f"{config_file} is not valid JSON; point --run at an intact run directory") from None
 
 
-def _load_trained_sae(run: Path) -> MultiLayerSAE:
-    """load_sae, with an unfinished run or an unreadable file reported as one line."""
+def _load_trained_sae(run: Path) -> tuple[MultiLayerSAE, dict | None]:
+    """load_sae (verified against its checksum) and its training progress; an unfinished run or an
+    unreadable file reported as one line."""
     file = run / SAE_FILE if run.is_dir() else run
     if run.is_dir() and not file.exists() and (run / CHECKPOINT_FILE).exists():
         raise MlsaeError(
@@ -52,20 +59,66 @@ def _load_trained_sae(run: Path) -> MultiLayerSAE:
             "finish it with mlsae-train --resume, or point --run at a finished run"
         )
     try:
-        return load_sae(run)
+        sae, progress = load_sae_and_progress(run)
     except MlsaeError:
         raise
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MlsaeError(f"{file} is not a readable SAE checkpoint ({reason}); train it again or restore the file") from None
+    if progress is None:  # weights saved before they recorded it: the checkpoint written right after them does
+        progress = training_progress(run)
+    return sae, _training_record(progress)
 
 
-def open_run_and_cache(run: str | Path, shards: str | Path) -> RunAndCache:
-    """Load both and check that the cache holds the model, width, layers and lens the SAE was trained on."""
+def _training_record(progress: dict | None) -> dict | None:
+    """The trained and planned steps and tokens of a progress record (older ones lack total_tokens)."""
+    if not progress or "step" not in progress or "total_steps" not in progress:
+        return None
+    steps, total = int(progress["step"]), int(progress["total_steps"])
+    tokens = int(progress.get("tokens", 0))
+    per_step = tokens // steps if steps else 0
+    return {
+        "steps": steps,
+        "total_steps": total,
+        "tokens": tokens,
+        "total_tokens": int(progress.get("total_tokens", per_step * total)),
+        "finished": steps >= total,
+    }
+
+
+def check_finished(run: Path, training: dict | None, allow_unfinished: bool) -> None:
+    """Refuse weights saved before the run's last step (killed, or stopped by a full disk) unless allowed."""
+    if training is None or training["finished"] or allow_unfinished:
+        return
+    raise MlsaeError(
+        f"the run {run} was stopped after step {training['steps']:,} of {training['total_steps']:,} "
+        f"({training['tokens']:,} of {training['total_tokens']:,} tokens); finish it with mlsae-train --resume, "
+        "or pass --allow-unfinished to analyse these weights as they are"
+    )
+
+
+def verify_cache_shards(cache: Cache, n_tokens: int, progress: bool = False) -> None:
+    """Check the checksum of every shard holding one of the first ``n_tokens`` tokens (the ones analysed)."""
+    n_shards = int(np.searchsorted(cache.shard_starts, n_tokens, side="left"))  # shards [0, n_shards) cover them
+    manifest = {**cache.manifest, "shards": cache.manifest["shards"][: max(n_shards, 1)]}
+    damaged = verify_shards(cache.root, manifest, progress=progress)
+    if damaged:
+        paths = ", ".join(str(cache.root / sf.SHARD_DIR / name) for name in damaged)
+        raise CacheError(
+            f"{len(damaged)} damaged shard(s): {paths} (missing, resized or failing its checksum); "
+            f"rebuild the cache (`mlsae-cache verify {cache.root}` lists them)"
+        )
+
+
+def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bool = False) -> RunAndCache:
+    """Load both and check that the cache holds the model, width, layers and lens the SAE was trained on,
+    and that the SAE finished training (unless ``allow_unfinished``). The cache's shards are checked
+    separately (:func:`verify_cache_shards`), once the number of tokens to read is known."""
     run = Path(run)
     if not run.exists():
         raise MlsaeError(f"--run {run} does not exist; point it at a run directory written by mlsae-train")
-    sae = _load_trained_sae(run)
+    sae, training = _load_trained_sae(run)
+    check_finished(run, training, allow_unfinished)
     cache = open_cache(shards)
     info = read_run_info(run)
     if sae.d_model != cache.d_model:
@@ -95,4 +148,4 @@ def open_run_and_cache(run: str | Path, shards: str | Path) -> RunAndCache:
             "use a cache that stores every layer the SAE was trained on"
         )
     sae.layers = sae_layers
-    return RunAndCache(sae.eval(), cache, [cache.layers.index(layer) for layer in sae_layers], info)
+    return RunAndCache(sae.eval(), cache, [cache.layers.index(layer) for layer in sae_layers], info, training)

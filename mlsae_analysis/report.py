@@ -30,10 +30,11 @@ import polars as pl
 
 from mlsae_cache.clitools import OneLineErrorParser
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import record_files, verified
 
 from . import plots
 from .files import write_csv, write_fresh_directory
-from .html_report import write_sweep_html
+from .html_report import ANALYSIS_FIX, write_sweep_html
 
 STANDARD, TUNED_LENS = "standard", "tuned lens"
 SWEPT = ("expansion_factor", "k")
@@ -69,7 +70,7 @@ def _read_summary(run_dir: Path) -> dict:
     if not summary_file.exists():
         raise MlsaeError(f"{run_dir} holds no summary.json; give directories written by mlsae-analyse")
     try:
-        return json.loads(summary_file.read_text())
+        return json.loads(verified(summary_file, ANALYSIS_FIX).read_text())
     except ValueError:
         raise MlsaeError(f"{summary_file} is not valid JSON; analyse that run again") from None
 
@@ -97,7 +98,9 @@ def _run_row(run_dir: Path, summary: dict) -> dict:
     model = Path(str(summary.get("model"))).name
     n_layers, d_model = len(summary.get("layers") or []), int(summary["d_model"])
     means, ratios = summary["metrics_mean"], summary["variance_ratios"]
-    metrics = ("fvu", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl_per_token", "kl_per_sequence")
+    # dead_fraction: mean over layers of each layer's dead fraction; dead_every_layer: never active at any
+    # layer (NaN for analyses made before it was recorded)
+    metrics = ("fvu", "mse", "l0", "l1", "dead_fraction", "dead_every_layer", "delta_ce", "kl_per_token", "kl_per_sequence")
     return {
         "dir": str(run_dir),
         "model": model,
@@ -205,7 +208,7 @@ def plot_heatmaps(runs: pl.DataFrame, out: Path) -> bool:
     def cell(row: dict) -> tuple[str, plots.HeatmapImage]:
         """One panel; only its binned image stays in memory, not the run's per-latent table."""
         title = row["run"] if len(variants) == 1 else row["run"].replace(" + lens", "")
-        table = pl.read_parquet(Path(row["dir"]) / HEATMAP_FILE)
+        table = pl.read_parquet(verified(Path(row["dir"]) / HEATMAP_FILE, ANALYSIS_FIX))
         return title, plots.HeatmapImage.from_table(table, plots.MAX_HEATMAP_COLUMNS // n_columns)
 
     if len(variants) == 2:  # rows: (model, R, k, dir name when duplicated), columns: variants
@@ -229,7 +232,7 @@ def _per_layer(runs: pl.DataFrame) -> pl.DataFrame | None:
     for row in runs.iter_rows(named=True):
         if not (Path(row["dir"]) / "metrics.csv").exists():
             continue
-        metrics = pl.read_csv(Path(row["dir"]) / "metrics.csv", infer_schema_length=None)
+        metrics = pl.read_csv(verified(Path(row["dir"]) / "metrics.csv", ANALYSIS_FIX), infer_schema_length=None)
         metrics = metrics.filter(pl.col("layer").cast(pl.String) != "mean").with_columns(pl.col("layer").cast(pl.Int64))
         frames.append(metrics.with_row_index("layer_index").with_columns(
             run=pl.lit(row["run"]), n_layers=pl.lit(metrics.height)))  # fmt: skip
@@ -274,6 +277,7 @@ def report_main(argv: Sequence[str]) -> int:
 
     def fill(partial: Path) -> None:
         report(runs, partial)
+        record_files(partial)  # before the page, which reads the tables back (verified) and adds itself
         write_sweep_html(partial, runs)  # relative links: partial and out are siblings
 
     write_fresh_directory(Path(args.out), fill)

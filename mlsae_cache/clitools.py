@@ -11,9 +11,11 @@ import ast
 import dataclasses
 import errno
 import inspect
+import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import MlsaeError
@@ -89,8 +91,53 @@ def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
     return cls(**{k: v for k, v in vars(namespace).items() if k in names})
 
 
-def run_command(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a command; turn user errors into one line on stderr and a non-zero exit code."""
+# what the tools say after a Ctrl-C or a full disk, unless a command says otherwise (the cache's and the
+# trainer's writes are atomic and resumable; mlsae-analyse passes its own words)
+RESUMES = "what was finished is kept; run the same command again to resume"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_ATOMIC_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")  # mlsae_cache.atomic's ".NAME.XXXX.tmp"
+
+
+def os_error_code(exc: BaseException) -> int | None:
+    """The errno of an OS-level failure: ``exc.errno``, or the code a Rust library (polars, safetensors)
+    wrote into its message ("os error 28", "code: 28"); None when there is none."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    found = re.search(r"os error (\d+)|code: (\d+)", str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def _written_path(exc: BaseException) -> str:
+    """The file an OSError names, as the user knows it (an atomic write's temporary name -> the final name)."""
+    name = getattr(exc, "filename", None)
+    if not name:
+        return "the output"
+    path = Path(str(name))
+    temporary = _ATOMIC_TEMPORARY.fullmatch(path.name)
+    return str(path.with_name(temporary["name"]) if temporary else path)
+
+
+def os_error_message(exc: BaseException, resumes: str = RESUMES) -> str | None:
+    """One line naming the path and the fix for a full disk, a denied write or a read-only disk; None otherwise."""
+    code = os_error_code(exc)
+    where = _written_path(exc)
+    if code in _DISK_FULL:
+        return f"disk full while writing {where} (no space left on the device); free space, then: {resumes}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"cannot write to {where}: permission denied; choose a writable --out (or make {where} accessible)"
+    if code == errno.EROFS:
+        return f"cannot write to {where}: read-only file system; choose an --out on a writable disk"
+    return None
+
+
+def run_command(
+    entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *, resumes: str = RESUMES
+) -> int:
+    """Run a command; turn user errors into one line on stderr and a non-zero exit code.
+
+    ``resumes`` is what the command keeps after a Ctrl-C or a full disk, and how to go on from there.
+    """
     try:
         return int(entry(argv) or 0)
     except SystemExit as exc:  # argparse: --help, or a usage error already printed as one line
@@ -99,13 +146,14 @@ def run_command(entry: Callable[[Sequence[str] | None], int | None], argv: Seque
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: what was finished is kept; run the same command again to resume", file=sys.stderr)
+        print(f"interrupted: {resumes}", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print("error: no space left on the device; free some disk (finished shards are kept) and run again", file=sys.stderr)
-            return 28
-        raise
+        message = os_error_message(exc, resumes)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 28 if os_error_code(exc) in _DISK_FULL else 2
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -18,7 +18,8 @@ class CacheConfig:
     """Text: a hub dataset (streamed), or local .txt/.jsonl/.parquet files or a folder of them."""
 
     tokens: int = 1_000_000
-    """Tokens to run through the model (rounded up to whole sequences); special tokens are not stored."""
+    """Tokens to run through the model (rounded up to whole sequences); special tokens are not stored. A dataset
+    with fewer tokens is cached whole, with a warning, and the manifest records tokens_short."""
 
     seq_len: int = 2048
     """Tokens per sequence: texts are joined with EOS and cut into sequences of this length."""
@@ -59,8 +60,18 @@ class CacheConfig:
     shard_mb: float = 256.0
     """Approximate size of one shard in MiB (whole sequences per shard)."""
 
+    skip_positions: int = 0
+    """Leave out the first N positions of every sequence (e.g. 1: sequence-start tokens, whose residual norm can be 100x the median); counted in the manifest."""
+
+    max_norm_ratio: float | None = None
+    """Leave out tokens whose norm at any cached layer exceeds M x that layer's median norm (median over the run's first batch); counted in the manifest. Off by default."""
+
+    norm_thresholds: str | None = None
+    """Per-layer norm thresholds instead of --max-norm-ratio: comma-separated values (one per cached layer, or one for all) or a FILE of them (JSON list, JSON {"layer": value}, or text)."""
+
     overwrite: bool = False
-    """Replace a cache of another configuration found in --out."""
+    """Replace a cache of another configuration found in --out: only the cache's own files are removed, and a
+    folder holding anything else is refused. (A cache with no shard yet is replaced without it.)"""
 
     progress: bool = True
     """Show a progress bar and a summary."""

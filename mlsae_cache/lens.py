@@ -22,12 +22,15 @@ import torch
 from torch import nn
 
 from .errors import MlsaeError
+from .integrity import RECORD_FILE, IntegrityError, has_record, verify_files, warn_once
 from .hub import hub_reachable
 from .lm import _first_line, d_model_of, is_local, n_layers_of, resolve_model_name, unembedding_of
 from .shard_format import file_sha256
 
 LENS_CONFIG = "config.json"
 LENS_PARAMS = "params.pt"
+LENS_TRAINING = "training.json"  # written last by mlsae-lens train
+LENS_FIX = "train the lens again with mlsae-lens train (or restore the file)"
 
 
 @dataclass
@@ -85,7 +88,13 @@ def load_lens(path: str | Path, n_layers: int, d_model: int) -> Lens:
             f"but the model has {n_layers} layers of width {d_model}; use a lens trained for this model"
         )
     params_path = root / LENS_PARAMS
-    state = torch.load(params_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(params_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn zip, a pickle error, an unexpected type: torch raises many kinds
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IntegrityError(f"{params_path} cannot be read ({reason}): it is truncated or not a tuned-lens params.pt; {LENS_FIX}") from None
+    if not isinstance(state, dict):
+        raise IntegrityError(f"{params_path} is not a tuned-lens params.pt (it holds no state dict); {LENS_FIX}")
     weight, bias = {}, {}
     for idx in range(n_layers):
         w = state.get(f"{idx}.weight")
@@ -101,6 +110,7 @@ def read_lens_config(root: Path) -> dict:
     config_path, params_path = root / LENS_CONFIG, root / LENS_PARAMS
     if not (config_path.exists() and params_path.exists()):
         raise MlsaeError(f"--lens {root} is not a tuned-lens directory (needs config.json and params.pt); train one with mlsae-lens train")
+    verify_lens_files(root)
     try:
         config = json.loads(config_path.read_text())
     except ValueError:
@@ -108,6 +118,18 @@ def read_lens_config(root: Path) -> dict:
     if not isinstance(config, dict):
         raise MlsaeError(f"{config_path} is not a tuned-lens config; train a lens with mlsae-lens train")
     return config
+
+
+def verify_lens_files(root: Path) -> None:
+    """Check config.json and params.pt against the lens's checksums.json (written by mlsae-lens train).
+
+    A lens from another tool (a hub lens, one saved by the tuned-lens package) has no record and is read
+    as it is; one trained by an older mlsae-lens (training.json, no record) loads with a warning.
+    """
+    if has_record(root):
+        verify_files(root, [LENS_CONFIG, LENS_PARAMS], LENS_FIX)
+    elif (root / LENS_TRAINING).exists():
+        warn_once(str(root), f"lens {root} has no {RECORD_FILE} (trained before mlsae-lens recorded checksums); its files are read unverified")
 
 
 def canonical_model_name(name: str) -> str:

@@ -6,8 +6,11 @@ The lens is written in the tuned-lens package's format (``config.json`` + ``para
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from .clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
@@ -107,9 +110,34 @@ class LensEvalConfig(LensDataOptions):
 
 
 def _run_train(config: LensTrainConfig) -> None:
-    from .lens_train import train_lens  # heavy imports only once the arguments are valid
+    from .integrity import RECORD_FILE
+    from .lens import LENS_CONFIG, LENS_PARAMS
+    from .lens_train import CHECKPOINT_FILE, TRAINING_FILE, train_lens  # heavy imports only once the arguments are valid
 
+    _check_lens_out(Path(config.out), (LENS_CONFIG, LENS_PARAMS, TRAINING_FILE, CHECKPOINT_FILE, RECORD_FILE), LENS_CONFIG)
     train_lens(config)
+
+
+def _check_lens_out(out: Path, lens_files: tuple[str, ...], lens_config: str) -> None:
+    """--out is a folder that holds nothing but a lens's own files (the only files --overwrite replaces)."""
+    if out.exists() and not out.is_dir():
+        raise MlsaeError(f"--out {out} is a file; give a directory for the lens (config.json and params.pt go there)")
+    if not out.is_dir():
+        return
+    for child in sorted(out.iterdir()):
+        temporary = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", child.name)  # an atomic write killed half-way
+        name = temporary.group(1) if temporary else child.name
+        if not (child.is_file() and name in lens_files) or (child.name == lens_config and not _is_lens_config(child)):
+            raise MlsaeError(f"--out {out} holds {child.name}, which is not a lens file; choose a new or empty --out for the lens")
+
+
+def _is_lens_config(path: Path) -> bool:
+    """A tuned lens's config.json (config.json is a common name: a model folder has one too)."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "base_model_name_or_path" in content
 
 
 def _run_eval(config: LensEvalConfig) -> None:

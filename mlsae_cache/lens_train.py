@@ -35,6 +35,7 @@ from tuned_lens.nn.unembed import Unembed
 
 from .atomic import atomic_write, atomic_write_json
 from .errors import MlsaeError
+from .integrity import RECORD_FILE, IntegrityError, record_files, with_digest, without_checked_digest
 from .lens import LENS_CONFIG, LENS_PARAMS, canonical_model_name, load_lens_for_model
 from .lens_cli import LensDataOptions, LensEvalConfig, LensTrainConfig
 from .lm import context_length_of, d_model_of, final_norm_of, load_model, load_tokenizer, n_layers_of, resolve_model_name, unembedding_of
@@ -188,24 +189,50 @@ def training_identity(config: LensTrainConfig, model_name: str) -> dict:
 
 def _prepare_out(out: Path, identity: dict, overwrite: bool) -> dict | None:
     """The finished training record when ``out`` already holds this lens; else make ``out`` ready to (re)start."""
-    done = json.loads((out / TRAINING_FILE).read_text()) if (out / TRAINING_FILE).exists() else None
+    done = _read_training_record(out / TRAINING_FILE) if (out / TRAINING_FILE).exists() else None
     if done is not None and done.get("identity") == identity:
         return done
     checkpoint = out / CHECKPOINT_FILE
-    ours = checkpoint.exists() and torch.load(checkpoint, map_location="cpu", weights_only=True).get("identity") == identity
+    ours = checkpoint.exists() and _read_checkpoint(checkpoint).get("identity") == identity
     foreign = done is not None or (out / LENS_CONFIG).exists() or (checkpoint.exists() and not ours)
     if foreign and not ours:
         if not overwrite:
             raise MlsaeError(f"{out} holds another lens (or one being trained with other options); choose another --out or pass --overwrite to replace it")
-        for name in (TRAINING_FILE, LENS_CONFIG, LENS_PARAMS, CHECKPOINT_FILE):
+        for name in (TRAINING_FILE, LENS_CONFIG, LENS_PARAMS, CHECKPOINT_FILE, RECORD_FILE):
             (out / name).unlink(missing_ok=True)
     return None
+
+
+def _read_training_record(path: Path) -> dict:
+    """The finished lens's ``training.json``, checked against the digest written inside it."""
+    fix = "delete it and run the same command again to retrain the lens (or restore it)"
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{path} is not valid JSON: it is truncated or damaged; {fix}") from None
+    return without_checked_digest(record, path, fix)
 
 
 def _save_checkpoint(out: Path, identity: dict, step: int, seconds: float, lens: TunedLens, optimizer: torch.optim.Optimizer) -> None:
     state = {"identity": identity, "step": step, "seconds": seconds,
              "translators": lens.layer_translators.state_dict(), "optimizer": optimizer.state_dict()}  # fmt: skip
+    state = with_digest(state)  # inside the file: written with it in one rename
     atomic_write(out / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def _read_checkpoint(checkpoint: Path) -> dict:
+    """The state :func:`_save_checkpoint` wrote, checked against its digest; a torn or damaged file is one line."""
+    fix = "delete it to restart this lens training from step 0 (or restore it)"
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn zip, a pickle error: torch raises many kinds
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IntegrityError(f"{checkpoint} cannot be read ({reason}): it is truncated or damaged; {fix}") from None
+    if not isinstance(state, dict):
+        raise IntegrityError(f"{checkpoint} is not a lens training checkpoint; {fix}")
+    return without_checked_digest(state, checkpoint, fix)
 
 
 def _resume(out: Path, lens: TunedLens, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
@@ -213,7 +240,7 @@ def _resume(out: Path, lens: TunedLens, optimizer: torch.optim.Optimizer) -> tup
     checkpoint = out / CHECKPOINT_FILE
     if not checkpoint.exists():
         return 0, 0.0
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = _read_checkpoint(checkpoint)
     lens.layer_translators.load_state_dict(state["translators"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["step"]), float(state["seconds"])
@@ -274,6 +301,7 @@ def train_lens(config: LensTrainConfig) -> dict:
     state = {key: value.detach().cpu() for key, value in translators.state_dict().items()}
     atomic_write(out / LENS_PARAMS, lambda tmp: torch.save(state, tmp))
     atomic_write_json(out / LENS_CONFIG, lens.config.to_dict())  # unembed_hash was filled in by TunedLens
+    record_files(out, [LENS_PARAMS, LENS_CONFIG])  # checksums.json: every load of the lens checks both files
     record = {
         "identity": identity,
         "steps": config.steps,
@@ -284,7 +312,8 @@ def train_lens(config: LensTrainConfig) -> dict:
         "kl_identity": kl["identity"].tolist(),
         "kl_lens": kl["lens"].tolist(),
     }
-    atomic_write_json(out / TRAINING_FILE, record)  # written last: marks the lens finished
+    # written last: marks the lens finished; its digest inside, as the checkpoint's
+    atomic_write_json(out / TRAINING_FILE, with_digest(record))
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     if config.progress:
         print_kl_table(kl, f"held-out KL to the final logits (nats/token, {record['eval_tokens']:,} tokens)")

@@ -6,7 +6,8 @@ A cache is a directory::
       config.json               identity of the cache (model, data, layers, dtype, format, ...), written first
       shards/shard-000000.h5    activations of a run of whole sequences (HDF5) ...
       shards/shard-000000.tar   ... or the same as a WebDataset tar (one sample per sequence)
-      shards/shard-000000.json  sidecar: token count, sha256 of the shard file, per-layer statistic sums
+      shards/shard-000000.json  sidecar: token count, checksum of the shard file (blake3; older caches sha256),
+                                per-layer statistic sums
       manifest.json             written last: config + every shard + merged statistics + token counts
 
 Every file is written under a temporary name and renamed into place, and a shard's sidecar is written
@@ -21,16 +22,21 @@ random tokens without decoding. bfloat16 has no numpy dtype: it is stored as its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import blake3
 import h5py
 import numpy as np
+import torch
 
 from .atomic import atomic_write, atomic_write_json  # noqa: F401 - the writer imports atomic_write_json from here
 
@@ -63,11 +69,52 @@ def to_storage(acts: np.ndarray, dtype: str) -> np.ndarray:
     return acts.astype(STORAGE_NUMPY[dtype], copy=False)
 
 
-def from_storage(stored: np.ndarray, dtype: str) -> np.ndarray:
-    """The stored array (any shape) -> float32."""
-    if dtype == "bfloat16":
-        return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(stored, dtype=np.float32)
+def from_storage(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The stored array (any shape) -> float32, into ``out`` (float32, same shape) when given."""
+    if out is None:
+        if dtype == "bfloat16":
+            return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(stored, dtype=np.float32)
+    if dtype == "bfloat16":  # the bits of a bfloat16 are the high half of its float32
+        bits = out.view(np.uint32)
+        np.copyto(bits, stored)
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, stored)
+    return out
+
+
+# the exponent field of each storage dtype (a value is NaN or infinite when all its bits are set), and
+# the unsigned and signed integer types of its width
+_EXPONENT_BITS = {
+    "float16": (0x7C00, np.uint16, np.int16),
+    "bfloat16": (0x7F80, np.uint16, np.int16),
+    "float32": (0x7F800000, np.uint32, np.int32),
+}
+
+
+def all_finite(stored: np.ndarray, dtype: str) -> bool:
+    """Whether no value of the stored array (storage numpy dtype of ``dtype``) is NaN or infinite.
+
+    Two integer max reductions over the stored bits, no temporary array (several times ``np.isfinite``
+    on float16): read as unsigned, the negative NaNs and infinities are the largest patterns (all
+    exponent bits and the sign set); read as signed, the positive ones are.
+    """
+    if stored.size == 0:
+        return True
+    exponent, unsigned, signed = _EXPONENT_BITS[dtype]
+    bits = np.ascontiguousarray(stored).view(unsigned)
+    sign = unsigned(1) << unsigned(8 * bits.itemsize - 1)
+    return bool(bits.max() < (exponent | sign) and bits.view(signed).max() < exponent)
+
+
+def first_non_finite(stored: np.ndarray, dtype: str) -> tuple[int, int] | None:
+    """(row, layer) of the first NaN or infinite vector of a stored ``[n, n_layers, d]`` array, or None."""
+    if all_finite(stored, dtype):  # the common case, on the stored bits
+        return None
+    finite = np.isfinite(from_storage(stored, dtype)).all(axis=2)  # [n, n_layers]
+    row, layer = np.argwhere(~finite)[0]
+    return int(row), int(layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +134,87 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# A shard's checksum is recorded under the name of its algorithm ("blake3": hex digest) in its sidecar
+# and manifest entry. New shards get BLAKE3 (about 4 GB/s a core here, sha256 under 2); caches written
+# with "sha256" keep verifying.
+SHARD_CHECKSUM = "blake3"
+CHECKSUM_KEYS = ("blake3", "sha256")
+
+
+def new_hasher(algorithm: str):
+    """An incremental hasher (``update``, ``hexdigest``) of one of ``CHECKSUM_KEYS``."""
+    if algorithm == "blake3":  # a large update is hashed on every core (the digest is the same)
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(CHECKSUM_KEYS)}")
+
+
+def recorded_checksum(entry: dict) -> tuple[str, str] | None:
+    """(algorithm, hex digest) recorded in a sidecar or manifest shard entry; None if it records none."""
+    for algorithm in CHECKSUM_KEYS:
+        if isinstance(entry.get(algorithm), str):
+            return algorithm, entry[algorithm]
+    return None
+
+
+MANIFEST_DIGEST = "digest"  # manifest key: the manifest's own digest (over everything else in it)
+MANIFEST_FILES = "files"  # manifest key: {relative path: digest} of config.json and every sidecar
+
+
+def json_digest(obj: Any, algorithm: str = SHARD_CHECKSUM) -> str:
+    """``"algorithm:hex"`` of a JSON value's canonical text (sorted keys; floats round-trip exactly)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    hasher = new_hasher(algorithm)
+    hasher.update(text.encode())
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+def seal_manifest(root: Path, manifest: dict[str, Any], n_shards: int) -> dict[str, Any]:
+    """``manifest`` with the digests of config.json and the sidecars of shards 0..n_shards-1, then its own
+    digest: what :func:`manifest_damage` and :func:`damaged_metadata` check."""
+    names = [CONFIG] + [f"{SHARD_DIR}/{sidecar_name(i)}" for i in range(n_shards)]
+    files = {name: f"{SHARD_CHECKSUM}:{file_checksum(Path(root) / name, SHARD_CHECKSUM)}" for name in names}
+    sealed = {**manifest, MANIFEST_FILES: files}
+    return {**sealed, MANIFEST_DIGEST: json_digest(sealed)}
+
+
+def manifest_damage(manifest: dict[str, Any]) -> str | None:
+    """Why a manifest read from disk fails its own digest, or None (also for manifests written before it)."""
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if recorded is None:
+        return None
+    algorithm = str(recorded).partition(":")[0]
+    if algorithm not in CHECKSUM_KEYS:
+        return f"its digest names an unknown algorithm {algorithm!r}"
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    return None if json_digest(body, algorithm) == recorded else "its content does not match the digest written with it"
+
+
+def damaged_metadata(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """config.json and sidecars (relative paths) that are missing or differ from the digests the manifest
+    recorded (none for manifests written before it recorded them)."""
+    damaged = []
+    for name, recorded in sorted(manifest.get(MANIFEST_FILES, {}).items()):
+        algorithm, _, digest = str(recorded).partition(":")
+        path = Path(root) / name
+        try:
+            if algorithm not in CHECKSUM_KEYS or file_checksum(path, algorithm) != digest:
+                damaged.append(name)
+        except OSError:  # missing or unreadable
+            damaged.append(name)
+    return damaged
+
+
+def file_checksum(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes (BLAKE3 hashes a large file on every core)."""
+    if algorithm == "blake3" and Path(path).stat().st_size > 0:  # an empty file cannot be memory-mapped
+        return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(str(path)).hexdigest()
+    if algorithm == "sha256":
+        return file_sha256(path)
+    return new_hasher(algorithm).hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # names
 
@@ -103,20 +231,146 @@ def sidecar_name(index: int) -> str:
 # statistics gathered while writing
 
 
-def layer_stat_sums(acts: np.ndarray) -> dict[str, list | float | int]:
-    """Exact float64 sums over tokens, per layer, of one shard's activations.
+# torch dtype each storage dtype is held in on the device (its bits are what the file holds)
+STORAGE_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-    acts: [n, n_layers, d] float32. Returns lists indexed by layer position. Sums (not means) so that
-    shards written in any order, by any number of processes, merge to identical statistics.
+
+def storage_tensor(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored numpy array (bfloat16 as uint16 bits) as a torch tensor of ``STORAGE_TORCH[dtype]``, sharing memory."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(stored))
+
+
+def storage_numpy(stored: torch.Tensor) -> np.ndarray:
+    """A CPU tensor of ``STORAGE_TORCH`` values as the numpy array written to disk (bfloat16 as uint16 bits), sharing memory."""
+    if stored.dtype == torch.bfloat16:
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
+
+
+# torch runs an op of at most this many elements on the calling thread (at::internal::GRAIN_SIZE): the
+# statistics' small conversions stay off the thread pool, whose barriers cost more than they save on
+# chunks this small (and far more on a machine busy with other work)
+SERIAL_ELEMENTS = 32768
+
+
+class LayerStatSums:
+    """float64 sums over tokens, per layer, of one shard's stored activations, on the device that holds them.
+
+    ``add(stored)`` takes [n, L, d] values in the storage dtype (as rounded for the file); ``to_json()``
+    gives the sidecar's ``stats``: count, sum [L][d], sum of squared norms [L], sum of norms [L]. Sums
+    (not means), so that shards written in any order, by any number of processes, merge to the same
+    statistics. Each ``add`` is cut into fixed chunks of tokens whose partial sums are added in float64,
+    in order: the result is a function of the values and the calls alone, not of thread counts. On a CPU
+    the chunks go through numpy, ``torch.get_num_threads()`` chunks at a time in a small thread pool
+    (numpy releases the GIL); elsewhere through torch in float64 on the device.
+
+    On the CPU, 16-bit storage dtypes are summed in float32 within a chunk (``_numpy_chunk_sums``): the
+    products of float16/bfloat16 values are exact in float32, so a token's squared norm is off by at most
+    (d_model - 1) * 2**-24 of itself, and a chunk's per-dimension sum by (chunk_tokens - 1) * 2**-24 of
+    the sum of its absolute values: float rounding, at twice the speed of float64 throughout (the
+    writer's bottleneck). float32 storage keeps float64 throughout.
     """
-    acts64 = acts.astype(np.float64)  # [n, L, d]
-    sq_norm = np.einsum("nld,nld->nl", acts64, acts64)  # [n, L]
-    return {
-        "count": int(acts.shape[0]),
-        "sum": acts64.sum(axis=0).tolist(),  # [L][d]
-        "sum_sq_norm": sq_norm.sum(axis=0).tolist(),  # [L]
-        "sum_norm": np.sqrt(sq_norm).sum(axis=0).tolist(),  # [L]
-    }
+
+    # float64 elements of one chunk: a CPU chunk stays in the L2 cache, a GPU chunk is a few hundred MB
+    CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 26}
+
+    def __init__(self, n_layers: int, d_model: int, device: torch.device | str = "cpu", use_numpy: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.use_numpy = self.device.type == "cpu" if use_numpy is None else use_numpy
+        per_token = n_layers * d_model
+        self.chunk_tokens = max(1, self.CHUNK_ELEMENTS.get(self.device.type, 1 << 26) // per_token)
+        self.count = 0
+        if self.use_numpy:
+            self._sum, self._sq, self._norm = np.zeros((n_layers, d_model)), np.zeros(n_layers), np.zeros(n_layers)
+        else:
+            zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)  # noqa: E731
+            self._sum, self._sq, self._norm = zeros(n_layers, d_model), zeros(n_layers), zeros(n_layers)
+
+    def add(self, stored: torch.Tensor) -> None:
+        """Add the tokens of ``stored`` [n, L, d] (any float dtype holding the stored values exactly)."""
+        chunks = [stored[start : start + self.chunk_tokens] for start in range(0, stored.shape[0], self.chunk_tokens)]  # [m, L, d] each
+        if self.use_numpy:
+            threads = torch.get_num_threads()
+            chunk_sums = _numpy_chunk_sums_float64 if stored.dtype == torch.float32 else _numpy_chunk_sums
+            parts = _stats_pool(threads).map(chunk_sums, chunks) if threads > 1 and len(chunks) > 1 else map(chunk_sums, chunks)
+            for chunk_sum, chunk_sq, chunk_norm in parts:  # in chunk order, whichever thread summed each
+                self._sum += chunk_sum
+                self._sq += chunk_sq
+                self._norm += chunk_norm
+        else:
+            for chunk in chunks:
+                x = chunk.to(torch.float64)  # [m, L, d]
+                sq_norm = (x * x).sum(-1)  # [m, L]
+                self._sum += x.sum(0)
+                self._sq += sq_norm.sum(0)
+                self._norm += sq_norm.sqrt().sum(0)
+        self.count += int(stored.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"count": 0, "sum": [], "sum_sq_norm": [0.0] * len(self._sq), "sum_norm": [0.0] * len(self._sq)}
+        as_numpy = (lambda a: a) if self.use_numpy else (lambda t: t.cpu().numpy())  # noqa: E731
+        return {
+            "count": self.count,
+            "sum": as_numpy(self._sum).tolist(),  # [L][d]
+            "sum_sq_norm": as_numpy(self._sq).tolist(),  # [L]
+            "sum_norm": as_numpy(self._norm).tolist(),  # [L]
+        }
+
+
+_workspaces = threading.local()  # each thread's float32 and float64 chunk buffers, reused
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlsae-stats")
+
+
+def _widened_float32(chunk: torch.Tensor) -> np.ndarray:
+    """A CPU chunk [m, L, d] of 16-bit values widened (exactly) to float32, in this thread's reused buffer."""
+    size = chunk.numel()
+    buffer = getattr(_workspaces, "float32", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _workspaces.float32 = torch.empty(size, dtype=torch.float32)
+    flat_in, x32 = chunk.reshape(-1), buffer[:size]
+    for start in range(0, size, SERIAL_ELEMENTS):
+        x32[start : start + SERIAL_ELEMENTS].copy_(flat_in[start : start + SERIAL_ELEMENTS])
+    return x32.numpy().reshape(chunk.shape)
+
+
+def _numpy_chunk_sums(chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 (sum [L, d], sum of squared norms [L], sum of norms [L]) of a CPU chunk [m, L, d] of 16-bit
+    values, reduced in float32 (bounds in ``LayerStatSums``): one token's squared norm per SIMD dot product,
+    the per-dimension sums over the chunk's tokens, each widened to float64 before anything else is added."""
+    m, n_layers, d_model = chunk.shape
+    x = _widened_float32(chunk)  # [m, L, d] float32
+    rows = x.reshape(m * n_layers, d_model)
+    sq_norm = np.einsum("ij,ij->i", rows, rows).astype(np.float64).reshape(m, n_layers)  # [m, L]
+    return x.sum(axis=0, dtype=np.float32).astype(np.float64), sq_norm.sum(axis=0), np.sqrt(sq_norm).sum(axis=0)
+
+
+def _numpy_chunk_sums_float64(chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 (sum [L, d], sum of squared norms [L], sum of norms [L]) of a CPU chunk [m, L, d], in float64 throughout."""
+    size = chunk.numel()
+    buffers = getattr(_workspaces, "buffers", None)
+    if buffers is None or buffers[0].numel() < size:
+        buffers = _workspaces.buffers = (torch.empty(size, dtype=torch.float32), np.empty(size))
+    flat_in, x32 = chunk.reshape(-1), buffers[0][:size]
+    for start in range(0, size, SERIAL_ELEMENTS):  # exact: every storage dtype widens to float32
+        x32[start : start + SERIAL_ELEMENTS].copy_(flat_in[start : start + SERIAL_ELEMENTS])
+    x = buffers[1][:size].reshape(chunk.shape)  # [m, L, d] float64
+    x[...] = x32.numpy().reshape(chunk.shape)
+    sq_norm = np.einsum("nld,nld->nl", x, x)  # [m, L]
+    return x.sum(axis=0), sq_norm.sum(axis=0), np.sqrt(sq_norm).sum(axis=0)
+
+
+def stored_stat_sums(stored: np.ndarray, dtype: str) -> dict[str, Any]:
+    """The sidecar ``stats`` of a whole stored array [n, L, d] (storage numpy dtype), computed on the CPU."""
+    sums = LayerStatSums(stored.shape[1], stored.shape[2])
+    sums.add(storage_tensor(stored, dtype))
+    return sums.to_json()
 
 
 def merge_layer_stats(sidecars: list[dict], layers: list[int]) -> dict[str, dict]:
@@ -159,6 +413,7 @@ class ShardContent:
     token_id: np.ndarray  # [n] int32
     input_sequence: np.ndarray  # [n_seq] int64: the consecutive sequence indices this shard covers
     input_ids: np.ndarray  # [n_seq, seq_len] int32: the model input of those sequences
+    sidecar_extra: dict | None = None  # more entries for the shard's sidecar (e.g. token_filter's counts)
 
     def __post_init__(self) -> None:
         n = self.acts.shape[0]
@@ -166,18 +421,41 @@ class ShardContent:
         assert self.input_ids.shape[0] == self.input_sequence.shape[0]
 
 
-def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> None:
-    """Write one shard file atomically (temporary name, then rename)."""
+def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> str:
+    """Write one shard file atomically (temporary name, then rename); returns its ``SHARD_CHECKSUM`` digest.
+
+    The digest is of the file's bytes, hashed from memory for the activations (all but a few bytes a
+    token) and read back only for the rest, so the shard is not read again after it is written.
+    """
+    digest: list[str] = []
     if fmt == "hdf5":
-        atomic_write(path, lambda tmp: _write_hdf5(Path(tmp), content, dtype))
+
+        def write(tmp: str) -> None:
+            _write_hdf5(Path(tmp), content, dtype)
+            digest.append(_hdf5_digest(Path(tmp), content.acts))
+
     else:
-        atomic_write(path, lambda tmp: _write_tar(Path(tmp), content))
+
+        def write(tmp: str) -> None:
+            digest.append(_write_tar(Path(tmp), content))
+
+    atomic_write(path, write)
+    return digest[0]
 
 
 def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:
+    acts = np.ascontiguousarray(c.acts)
     with h5py.File(path, "w", libver="latest") as f:
-        # contiguous, uncompressed: the reader memory-maps this dataset directly
-        f.create_dataset("activations", data=c.acts)
+        # contiguous, uncompressed: the reader memory-maps this dataset directly. Its space is allocated
+        # now and never filled, and its bytes are written below outside h5py's global lock, so that the
+        # writer's threads write several shards at once.
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_obj_track_times(False)  # the same content gives the same bytes (resumed runs are bit-identical)
+        space = h5py.h5s.create_simple(acts.shape)
+        offset = h5py.h5d.create(f.id, b"activations", h5py.h5t.py_create(acts.dtype), space, dcpl=dcpl).get_offset()
         f.create_dataset("sequence", data=c.sequence.astype("<i8"))
         f.create_dataset("position", data=c.position.astype("<i4"))
         f.create_dataset("token_id", data=c.token_id.astype("<i4"))
@@ -185,6 +463,28 @@ def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:
         f.create_dataset("input_ids", data=c.input_ids.astype("<i4"))
         f.attrs["dtype"] = dtype
         f.attrs["format_version"] = FORMAT_VERSION
+    if acts.size:
+        with open(path, "r+b") as raw:
+            raw.seek(offset)
+            raw.write(memoryview(acts).cast("B"))
+
+
+def _hdf5_digest(path: Path, acts: np.ndarray) -> str:
+    """``SHARD_CHECKSUM`` of an HDF5 shard whose activations dataset holds exactly ``acts``."""
+    with h5py.File(path, "r") as f:
+        offset = f["activations"].id.get_offset()
+    hasher = new_hasher(SHARD_CHECKSUM)
+    with open(path, "rb") as raw:
+        if offset is None or acts.size == 0:
+            while chunk := raw.read(1 << 22):
+                hasher.update(chunk)
+            return hasher.hexdigest()
+        hasher.update(raw.read(offset))  # the metadata before the activations
+        hasher.update(memoryview(np.ascontiguousarray(acts)).cast("B"))
+        raw.seek(offset + acts.nbytes)
+        while chunk := raw.read(1 << 22):  # the identity columns and metadata after them
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -193,16 +493,31 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, c: ShardContent) -> None:
+class _HashingWriter:
+    """A write-only file that hashes every byte on its way to ``raw`` (tarfile writes strictly in order)."""
+
+    def __init__(self, raw, hasher) -> None:
+        self.raw, self.hasher = raw, hasher
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _write_tar(path: Path, c: ShardContent) -> str:
     """WebDataset layout: one sample per sequence, keyed by the zero-padded sequence index.
 
     Members: ``<key>.acts.npy`` [n_kept, n_layers, d], ``<key>.tokens.npy`` [n_kept, 3] int64
     (sequence, position, token id) and ``<key>.input_ids.npy`` [seq_len] int32 (the model input).
-    Streaming consumers read samples with any WebDataset loader.
+    Streaming consumers read samples with any WebDataset loader. Returns the file's ``SHARD_CHECKSUM``.
     """
     # kept tokens of sequence input_sequence[i] are rows bounds[i]:bounds[i+1]
     bounds = np.searchsorted(c.sequence, np.r_[c.input_sequence, np.iinfo(np.int64).max])
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    hasher = new_hasher(SHARD_CHECKSUM)
+    with open(path, "wb") as raw, tarfile.open(fileobj=_HashingWriter(raw, hasher), mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, seq in enumerate(c.input_sequence):
             start, end = bounds[i], bounds[i + 1]
             key = f"{int(seq):09d}"
@@ -214,6 +529,7 @@ def _write_tar(path: Path, c: ShardContent) -> None:
                 info.size = len(data)
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
+    return hasher.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ import contextlib
 import itertools
 import json
 import os
+import queue
+import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from .errors import MlsaeError
 from .hub import hub_reachable
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+T = TypeVar("T")
 # How long the hub reachability probe may take before we call the hub unreachable (seconds).
 _PARQUET_ROWS_PER_READ = 8192
 
@@ -204,6 +207,27 @@ def _hub_unreachable(name: str) -> str:
 # Tokens
 
 
+# Texts are tokenized a batch at a time (the tokenizer spreads a batch over the cores). With a
+# ``limit`` a batch holds only about the characters the sequences still wanted need, at the
+# characters per token seen so far (a low guess before the first batch: a second small batch is
+# cheaper than tokenizing far too much); a text is never split, so one long text may overshoot.
+_CHARS_PER_TOKEN_GUESS = 3.0
+_BATCH_CHARS_MARGIN = 1.1
+_MAX_BATCH_CHARS = 1 << 23
+
+
+def _next_text_batch(iterator: Iterator[str], max_texts: int, want_chars: float) -> list[str]:
+    """Up to ``max_texts`` texts, stopping once they hold ``want_chars`` characters (at least one text)."""
+    batch: list[str] = []
+    chars = 0
+    for text in iterator:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_texts or chars >= want_chars:
+            break
+    return batch
+
+
 def iter_token_sequences(
     texts: Iterable[str],
     tokenizer: Any,
@@ -211,9 +235,11 @@ def iter_token_sequences(
     batch_texts: int = 64,
     *,
     source_name: str = "the text",
+    limit: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Sequences of ``seq_len`` token ids (int64 arrays of shape [seq_len]) cut from one stream.
 
+    ``limit``: the most sequences wanted; texts are then tokenized only as far as they are needed.
     ``source_name`` names the data in the error raised when not one full sequence can be made.
     """
     if seq_len < 1 or batch_texts < 1:
@@ -222,10 +248,19 @@ def iter_token_sequences(
     if eos is None:
         raise MlsaeError("the tokenizer has no EOS token, which joins the texts; use a tokenizer that defines eos_token")
     carry = np.empty(0, dtype=np.int64)  # [< seq_len] tokens not yet in a full sequence
-    total_tokens = 0
+    total_tokens = total_chars = 0
     produced = 0
     iterator = iter(texts)
-    while batch := list(itertools.islice(iterator, batch_texts)):
+    while limit is None or produced < limit:
+        want_chars: float = _MAX_BATCH_CHARS
+        if limit is not None:
+            chars_per_token = total_chars / total_tokens if total_tokens else _CHARS_PER_TOKEN_GUESS
+            want_tokens = (limit - produced) * seq_len - len(carry)
+            want_chars = min(want_chars, want_tokens * chars_per_token * _BATCH_CHARS_MARGIN)
+        batch = _next_text_batch(iterator, batch_texts, want_chars)
+        if not batch:
+            break
+        total_chars += sum(len(text) for text in batch)
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.fromiter(
@@ -236,6 +271,8 @@ def iter_token_sequences(
         total_tokens += flat.size
         stream = np.concatenate([carry, flat])  # [len(carry) + len(flat)]
         full = stream.size // seq_len
+        if limit is not None:
+            full = min(full, limit - produced)
         for index in range(full):
             # A copy, so that a kept sequence does not pin the whole batch buffer in memory.
             yield stream[index * seq_len : (index + 1) * seq_len].copy()  # [seq_len]
@@ -255,10 +292,108 @@ def iter_dataset_sequences(
     split: str = "train",
     text_column: str = "text",
     batch_texts: int = 64,
+    limit: int | None = None,
 ) -> Iterator[np.ndarray]:
     """``iter_token_sequences`` over ``iter_texts(dataset, ...)``, with errors that name the dataset."""
     texts = iter_texts(dataset, split=split, text_column=text_column)
-    return iter_token_sequences(texts, tokenizer, seq_len, batch_texts, source_name=f"dataset {dataset}")
+    return iter_token_sequences(texts, tokenizer, seq_len, batch_texts, source_name=f"dataset {dataset}", limit=limit)
+
+
+_DONE = object()
+
+
+class ReadAhead(Iterator[T]):
+    """``items``, produced in a background thread started at once, up to ``depth`` items ahead of the consumer.
+
+    For the token stream: tokenizing (the tokenizer releases the GIL) overlaps the model's loading and
+    forward. ``items`` is advanced only in the thread. An error there is raised in the consumer at the
+    item where it happened. ``close()`` (or leaving a ``with`` block, or dropping the last reference)
+    stops the thread; ``deepen`` lets it run further ahead once the consumer knows how far it needs (a
+    shard's sequences, known once the model is loaded).
+    """
+
+    def __init__(self, items: Iterator[T], depth: int) -> None:
+        # the thread holds only the shared state, never ``self``: a ReadAhead dropped unclosed (a run that
+        # failed before reading it) is collected, and its ``__del__`` stops the thread
+        self._shared = _AheadState(max(1, depth))
+        self._finished = False
+        self._thread = threading.Thread(target=_produce_ahead, args=(items, self._shared), name="mlsae-tokenize-ahead", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._shared.depth
+
+    def deepen(self, depth: int) -> None:
+        with self._shared.room:
+            self._shared.depth = max(self._shared.depth, depth)
+            self._shared.room.notify_all()
+
+    def close(self) -> None:
+        self._shared.stop.set()
+        with self._shared.room:
+            self._shared.room.notify_all()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_shared"):  # not if __init__ failed before it
+            self.close()
+
+    def __enter__(self) -> "ReadAhead[T]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __next__(self) -> T:
+        state = self._shared
+        if self._finished or (state.stop.is_set() and state.buffer.empty()):  # done, or closed with nothing left
+            raise StopIteration
+        item = state.buffer.get()
+        with state.room:
+            state.room.notify_all()
+        if item is _DONE or isinstance(item, BaseException):
+            self._finished = True
+            self.close()
+            if item is _DONE:
+                raise StopIteration
+            raise item
+        return item
+
+
+class _AheadState:
+    """What a ReadAhead and its thread share."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.buffer: queue.Queue = queue.Queue()  # unbounded: the room is ``depth``, checked under ``room``
+        self.room = threading.Condition()
+        self.stop = threading.Event()
+
+    def put(self, item: object) -> bool:
+        """Wait for room (False once the consumer has stopped)."""
+        with self.room:
+            while not self.stop.is_set():
+                if self.buffer.qsize() < self.depth:
+                    self.buffer.put(item)
+                    return True
+                self.room.wait(timeout=0.1)
+        return False
+
+
+def _produce_ahead(items: Iterator, state: _AheadState) -> None:
+    try:
+        for item in items:
+            if not state.put(item):
+                return
+        state.put(_DONE)
+    except BaseException as exc:  # noqa: BLE001 - raised again in the consumer
+        state.put(exc)
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``ReadAhead(items, depth)`` started on the first item asked for, stopped when the consumer stops (or fails)."""
+    with ReadAhead(items, depth) as ahead:
+        yield from ahead
 
 
 def special_token_ids(tokenizer: Any) -> np.ndarray:

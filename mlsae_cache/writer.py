@@ -1,4 +1,4 @@
-"""Writing a cache: shards in a background thread, sidecars after shards, the manifest last.
+"""Writing a cache: shards in background threads, sidecars after shards, the manifest last.
 
 The writer knows nothing about language models: it takes finished arrays per shard. ``CacheWriter``
 is driven by the activation runner (``mlsae_cache.runner``) and by ``write_array_cache`` (synthetic
@@ -7,11 +7,12 @@ caches for tests and benchmarks).
 
 from __future__ import annotations
 
+import os
 import queue
-import shutil
+import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,65 +22,143 @@ from .errors import CacheError
 # config keys that must match for a directory to be resumed rather than refused
 IDENTITY_KEYS = (
     "model", "revision", "tokenizer", "dataset", "split", "text_column", "seq_len", "tokens",
-    "layers", "d_model", "dtype", "format", "lens", "shard_sequences", "format_version",
+    "layers", "d_model", "dtype", "format", "lens", "shard_sequences", "format_version", "token_filter",
 )  # fmt: skip
-
-STAT_CHUNK_TOKENS = 8192
 
 
 def check_or_claim_directory(root: Path, config: dict[str, Any], overwrite: bool) -> None:
     """Make ``root`` hold a cache of exactly ``config`` (claiming it if empty), or refuse.
 
-    A directory holding another cache, or files that are not a cache, is refused unless
-    ``overwrite``; with ``overwrite`` the old cache files are removed first.
+    A cache of another configuration is refused unless ``overwrite`` or it has no shard yet (a run that
+    failed on its inputs before writing any: the corrected command replaces it). Whatever is removed is
+    a file mlsae-cache wrote; a directory holding anything else is refused, ``overwrite`` or not.
     """
     root = Path(root)
     config_path = root / sf.CONFIG
     if root.exists() and not root.is_dir():
         raise CacheError(f"--out {root} is a file, not a directory; choose a directory path")
-    if config_path.exists():
-        stored = sf.read_json(config_path)
+    if config_path.exists() and config_path.is_file() and _is_cache_json(config_path):
+        stored = read_stored_config(config_path)
         differing = [k for k in IDENTITY_KEYS if stored.get(k) != config.get(k)]
-        if differing and not overwrite:
+        if differing and holds_shards(root) and not overwrite:
             raise CacheError(
-                f"{root} holds a cache of another configuration (differs in: {', '.join(differing)}); "
+                f"{root} holds a cache of another configuration (its {sf.CONFIG} differs in: {', '.join(differing)}); "
                 "choose another --out or pass --overwrite to replace it"
             )
         if differing:
             _remove_cache_files(root)
     elif root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise CacheError(f"{root} is not empty and holds no cache; choose another --out or pass --overwrite")
+        refuse_foreign_files(root, "is not empty and holds no cache")
+        if holds_shards(root) and not overwrite:
+            raise CacheError(f"{root} holds cache shards but no {sf.CONFIG}; choose another --out or pass --overwrite to replace them")
         _remove_cache_files(root)
     (root / sf.SHARD_DIR).mkdir(parents=True, exist_ok=True)
     # temporary files of writes killed half-way: never part of the cache, safe to drop
-    for debris in (root / sf.SHARD_DIR).glob(".*.tmp"):
-        debris.unlink(missing_ok=True)
+    for folder, in_shard_dir in ((root / sf.SHARD_DIR, True), (root, False)):
+        for debris in folder.glob(".*.tmp"):
+            if _is_cache_file(debris.name, in_shard_dir):
+                debris.unlink(missing_ok=True)
     if not config_path.exists():
         sf.atomic_write_json(config_path, config)
 
 
+# what mlsae-cache writes: at the top, the config, the manifest and the shard folder (and the atomic
+# writes' temporary files, ".NAME.XXXX.tmp"); in the shard folder, shards, sidecars and their temporaries
+_ROOT_FILE = re.compile(r"(config|manifest)\.json|\.(config|manifest)\.json\..+\.tmp")
+_SHARD_FILE = re.compile(r"\.?shard-\d{6,}\.(h5|tar|json)(\..+\.tmp)?")
+
+
+def _is_cache_file(name: str, in_shard_dir: bool) -> bool:
+    return bool((_SHARD_FILE if in_shard_dir else _ROOT_FILE).fullmatch(name))
+
+
+def _first_foreign_file(root: Path) -> Path | None:
+    """The first path under ``root`` that mlsae-cache did not write (None if every path is its own)."""
+    for child in sorted(root.iterdir()):
+        if child.name == sf.SHARD_DIR and child.is_dir() and not child.is_symlink():
+            for inner in sorted(child.iterdir()):
+                if not (inner.is_file() and not inner.is_symlink() and _is_cache_file(inner.name, in_shard_dir=True)):
+                    return inner
+        elif not (child.is_file() and not child.is_symlink() and _is_cache_file(child.name, in_shard_dir=False)):
+            return child
+        elif child.suffix == ".json" and not _is_cache_json(child):  # config.json and manifest.json are common names
+            return child
+    return None
+
+
+def _is_cache_json(path: Path) -> bool:
+    """Whether a config.json or manifest.json is a cache's (every one records its format version and model)."""
+    try:
+        content = sf.read_json(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(content, dict) and "format_version" in content and "model" in content
+
+
+def refuse_foreign_files(root: Path, what: str) -> None:
+    foreign = _first_foreign_file(root)
+    if foreign is not None:
+        raise CacheError(
+            f"{root} {what} ({foreign.relative_to(root)} was not written by mlsae-cache); "
+            "choose a new or empty --out (--overwrite only ever removes a cache's own files)"
+        )
+
+
+def holds_shards(root: Path) -> bool:
+    """Whether any shard or sidecar was written (not counting temporary files)."""
+    shard_dir = root / sf.SHARD_DIR
+    return shard_dir.is_dir() and any(p.name.startswith("shard-") and _is_cache_file(p.name, True) for p in shard_dir.iterdir())
+
+
+def read_stored_config(config_path: Path) -> dict[str, Any]:
+    try:
+        stored = sf.read_json(config_path)
+    except (ValueError, UnicodeDecodeError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise CacheError(f"{config_path} is not a cache config (not a JSON object); choose another --out")
+    return stored
+
+
 def _remove_cache_files(root: Path) -> None:
+    """Remove a cache's own files from ``root``, after checking that it holds nothing else."""
+    refuse_foreign_files(root, "holds files besides a cache")
+    shard_dir = root / sf.SHARD_DIR
+    if shard_dir.is_dir():
+        for child in shard_dir.iterdir():
+            child.unlink()
     for child in root.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
+        if child.is_file():
             child.unlink()
 
 
-class CacheWriter:
-    """Writes the shards of one cache directory; one instance per process (rank)."""
+def writer_threads() -> int:
+    """Shard-writing threads: one per core, at most 4 (a shard's write, fsync and checksum release the GIL)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
-    def __init__(self, root: Path, config: dict[str, Any], queue_depth: int = 2) -> None:
+
+class CacheWriter:
+    """Writes the shards of one cache directory in a small pool of threads; one instance per process (rank).
+
+    Each shard is written, checksummed and fsynced by one thread, its sidecar after it, so shards finish
+    in any order but each one is a pure function of its content: the files are those of a serial run.
+    """
+
+    def __init__(self, root: Path, config: dict[str, Any], queue_depth: int = 2, threads: int | None = None) -> None:
         self.root = Path(root)
         self.config = config
         self.fmt: str = config["format"]
         self.dtype: str = config["dtype"]
         self.shard_dir = self.root / sf.SHARD_DIR
+        # shards handed over but not yet taken by a thread (each holds a shard's activations in memory)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="mlsae-shard-writer", daemon=True)
-        self._thread.start()
+        self._error_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"mlsae-shard-writer-{i}", daemon=True) for i in range(threads or writer_threads())
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # -- which shards exist
 
@@ -90,24 +169,35 @@ class CacheWriter:
         return self.shard_dir / sf.sidecar_name(index)
 
     def is_done(self, index: int) -> bool:
-        return shard_is_done(self.shard_dir, index, self.fmt)
+        """Whether shard ``index`` is already written and intact (a resumed run rewrites a damaged one)."""
+        return shard_is_done(self.shard_dir, index, self.fmt, check_checksum=True)
 
     # -- writing
 
-    def submit(self, index: int, content: sf.ShardContent) -> None:
-        """Queue a shard for writing; blocks while ``queue_depth`` shards are already waiting."""
+    def submit(
+        self, index: int, content: sf.ShardContent, stats: dict[str, Any] | None = None, done: Callable[[], None] | None = None
+    ) -> None:
+        """Hand a shard over for writing; blocks while ``queue_depth`` shards are already waiting.
+
+        ``stats``: the shard's statistic sums (``sf.LayerStatSums.to_json()``) when the caller gathered
+        them on its device; computed from ``content.acts`` in the writing thread otherwise. ``done`` is
+        called (in the writing thread) once ``content`` is no longer needed, written or not.
+        """
         self._raise_pending()
-        self._queue.put((index, content))
+        self._queue.put((index, content, stats, done))
 
     def close(self) -> None:
-        """Wait until every queued shard is on disk; re-raise any error from the writer thread."""
-        self._queue.put(None)
-        self._thread.join()
+        """Wait until every shard handed over is on disk; re-raise the first error of a writing thread."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise_pending()
 
     def _raise_pending(self) -> None:
-        if self._error is not None:
+        with self._error_lock:
             error, self._error = self._error, None
+        if error is not None:
             raise error
 
     def _work(self) -> None:
@@ -115,17 +205,20 @@ class CacheWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # drain: the first error is reported, nothing more is written
+            index, content, stats, done = item
             try:
-                self._write(*item)
+                if self._error is None:  # after an error, drain: the first is reported, nothing more is written
+                    self._write(index, content, stats)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self._error = exc
+                with self._error_lock:
+                    self._error = self._error or exc
+            finally:
+                if done is not None:
+                    done()
 
-    def _write(self, index: int, content: sf.ShardContent) -> None:
+    def _write(self, index: int, content: sf.ShardContent, stats: dict[str, Any] | None) -> None:
         path = self.shard_path(index)
-        sf.write_shard(path, content, self.fmt, self.dtype)
-        stats = _stat_sums_chunked(content.acts, self.dtype)
+        digest = sf.write_shard(path, content, self.fmt, self.dtype)
         sidecar = {
             "index": index,
             "file": path.name,
@@ -133,23 +226,11 @@ class CacheWriter:
             "n_sequences": int(len(content.input_sequence)),
             "first_sequence": int(content.input_sequence[0]) if len(content.input_sequence) else None,
             "bytes": path.stat().st_size,
-            "sha256": sf.file_sha256(path),
-            "stats": stats,
+            sf.SHARD_CHECKSUM: digest,
+            "stats": stats if stats is not None else sf.stored_stat_sums(content.acts, self.dtype),
         }
+        sidecar.update(content.sidecar_extra or {})  # e.g. token_filter's counts
         sf.atomic_write_json(self.sidecar_path(index), sidecar)
-
-def _stat_sums_chunked(stored: np.ndarray, dtype: str) -> dict:
-    """Per-layer statistic sums of a shard, in chunks so float64 temporaries stay small."""
-    n, n_layers, _ = stored.shape
-    if n == 0:
-        return {"count": 0, "sum": [], "sum_sq_norm": [0.0] * n_layers, "sum_norm": [0.0] * n_layers}
-    parts = [sf.layer_stat_sums(sf.from_storage(stored[i : i + STAT_CHUNK_TOKENS], dtype)) for i in range(0, n, STAT_CHUNK_TOKENS)]
-    return {
-        "count": n,
-        "sum": np.sum([p["sum"] for p in parts], axis=0).tolist(),
-        "sum_sq_norm": np.sum([p["sum_sq_norm"] for p in parts], axis=0).tolist(),
-        "sum_norm": np.sum([p["sum_norm"] for p in parts], axis=0).tolist(),
-    }
 
 
 def finalize_cache(root: Path, config: dict[str, Any], n_shards: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -159,25 +240,33 @@ def finalize_cache(root: Path, config: dict[str, Any], n_shards: int, extra: dic
     if missing:
         raise CacheError(f"{len(missing)} shard(s) are not written yet (first: {missing[0]}); run the same command again to finish")
     sidecars = [sf.read_json(shard_dir / sf.sidecar_name(i)) for i in range(n_shards)]
-    manifest = build_manifest(config, sidecars, extra)
+    manifest = sf.seal_manifest(root, build_manifest(config, sidecars, extra), n_shards)
     sf.atomic_write_json(Path(root) / sf.MANIFEST, manifest)
     return manifest
 
 
-def shard_is_done(shard_dir: Path, index: int, fmt: str) -> bool:
-    """A shard is done when its sidecar exists and the shard file has the size the sidecar records."""
+def shard_is_done(shard_dir: Path, index: int, fmt: str, check_checksum: bool = False) -> bool:
+    """A shard is done when its sidecar exists and the shard file has the size the sidecar records
+    (``check_checksum``: and the checksum, a full read of the shard)."""
     side, shard = shard_dir / sf.sidecar_name(index), shard_dir / sf.shard_name(index, fmt)
     if not (side.exists() and shard.exists()):
         return False
     try:
-        return sf.read_json(side)["bytes"] == shard.stat().st_size
-    except (ValueError, KeyError, OSError):
+        sidecar = sf.read_json(side)
+        if sidecar["bytes"] != shard.stat().st_size:
+            return False
+        if not check_checksum:
+            return True
+        recorded = sf.recorded_checksum(sidecar)
+        return recorded is not None and sf.file_checksum(shard, recorded[0]) == recorded[1]
+    except (ValueError, KeyError, TypeError, OSError):
         return False
 
 
 def build_manifest(config: dict[str, Any], sidecars: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
     shards = [
-        {k: side[k] for k in ("file", "n_tokens", "n_sequences", "first_sequence", "bytes", "sha256")} for side in sidecars
+        {k: side[k] for k in ("file", "n_tokens", "n_sequences", "first_sequence", "bytes", *sf.CHECKSUM_KEYS) if k in side}
+        for side in sidecars
     ]
     n_tokens = sum(s["n_tokens"] for s in shards)
     return {

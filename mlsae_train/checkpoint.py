@@ -7,7 +7,9 @@
     RUN/metrics.jsonl            one line per step
 
 Every file is written under a temporary name in the run directory and renamed into place, so a
-kill at any moment leaves either the previous file or the new one, never a torn one.
+kill at any moment leaves either the previous file or the new one, never a torn one. Both safetensors
+files carry a checksum of their tensors and metadata (mlsae_cache.integrity) that every load checks;
+sae.safetensors also records the progress (step, tokens, total_steps) it was saved at.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from mlsae_cache.atomic import atomic_write
+from mlsae_cache.atomic import atomic_write  # noqa: F401 - tests import it from here
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import load_safetensors, read_safetensors_metadata, save_safetensors
 
 from .dead_latents import DeadLatentTracker
 from .model import MultiLayerSAE
@@ -33,15 +33,55 @@ METRICS_FILE = "metrics.jsonl"
 WEIGHT_NAMES = ("W_enc", "W_dec", "b_pre")
 
 
-# mkstemp creates files readable by their owner only; a run's files get the usual mode instead.
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+SAE_FIX = "rerun the run's mlsae-train command with --resume to rewrite it from the checkpoint (or train it again)"
+RESUME_FIX = (
+    "--resume cannot continue from it: delete it and run the same command with --resume to restart the run "
+    "from step 0, or start afresh in another --out"
+)
 
 
-def save_sae(model: MultiLayerSAE, path: str | Path) -> None:
-    """Write the weights and the SAE's config (in the safetensors metadata) to ``path``."""
-    _save_tensors(Path(path), {name: getattr(model, name) for name in WEIGHT_NAMES}, {"mlsae": json.dumps(model.config())})
+def save_sae(model: MultiLayerSAE, path: str | Path, progress: dict[str, Any] | None = None) -> None:
+    """Write the weights and the SAE's config (in the safetensors metadata) to ``path``, with a checksum.
+
+    ``progress`` (the trainer's step, tokens and total_steps at this save) goes in the metadata too, so
+    that the weights say how far they were trained.
+    """
+    metadata = {"mlsae": json.dumps(model.config())}
+    if progress is not None:
+        metadata["progress"] = json.dumps(progress)
+    save_safetensors(Path(path), {name: getattr(model, name) for name in WEIGHT_NAMES}, metadata)
+
+
+def _sae_file(path: Path) -> Path:
+    file = path / SAE_FILE if path.is_dir() else path
+    if not file.exists():
+        raise MlsaeError(f"no SAE at {path}: {file} does not exist; point at a run directory written by mlsae-train")
+    return file
+
+
+def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiLayerSAE, dict[str, Any] | None]:
+    """:func:`load_sae`, and the training progress recorded with the weights (None when not recorded)."""
+    file = _sae_file(Path(path))
+    tensors, metadata = load_safetensors(file, SAE_FIX)
+    if "mlsae" not in metadata:
+        raise MlsaeError(f"{file} was not written by mlsae-train (no SAE config in its metadata)")
+    try:
+        model = MultiLayerSAE(**json.loads(metadata["mlsae"]))
+        for name in WEIGHT_NAMES:
+            if tuple(tensors[name].shape) != tuple(getattr(model, name).shape):
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MlsaeError(f"{file} is not a readable SAE ({exc}); {SAE_FIX}") from None
+    for name in WEIGHT_NAMES:
+        if not torch.isfinite(tensors[name]).all():
+            raise MlsaeError(
+                f"{file} holds non-finite weights ({name}): its training diverged; train it again with a lower --lr"
+            )
+    with torch.no_grad():
+        for name in WEIGHT_NAMES:
+            getattr(model, name).copy_(tensors[name])
+    progress = json.loads(metadata["progress"]) if "progress" in metadata else None
+    return model.to(device), progress
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> MultiLayerSAE:
@@ -49,23 +89,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> MultiLayer
 
     ``sae(x)`` reconstructs x [..., d_model] in input space; ``sae.encode(x)`` gives the k active
     latents ``(values, indices)`` after ReLU; ``sae.W_dec`` is [n_latents, d_model]; ``sae.layers``
-    lists the model blocks it was trained on.
+    lists the model blocks it was trained on. The file is checked against its checksum; a damaged
+    file, or one holding non-finite weights, is refused in one line.
     """
-    path = Path(path)
-    file = path / SAE_FILE if path.is_dir() else path
-    if not file.exists():
-        raise MlsaeError(f"no SAE at {path}: {file} does not exist; point at a run directory written by mlsae-train")
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        if "mlsae" not in metadata:
-            raise MlsaeError(f"{file} was not written by mlsae-train (no SAE config in its metadata)")
-        tensors = {name: f.get_tensor(name) for name in WEIGHT_NAMES}
-    config = json.loads(metadata["mlsae"])
-    model = MultiLayerSAE(**config)
-    with torch.no_grad():
-        for name in WEIGHT_NAMES:
-            getattr(model, name).copy_(tensors[name])
-    return model.to(device)
+    return load_sae_and_progress(path, device)[0]
 
 
 def save_checkpoint(
@@ -88,46 +115,69 @@ def save_checkpoint(
         "optimizer_param_groups": json.dumps(state["param_groups"]),
         "model_config": json.dumps(model.config()),
     }
-    _save_tensors(Path(path), tensors, metadata)
+    save_safetensors(Path(path), tensors, metadata)
 
 
 def load_checkpoint(
     path: str | Path, model: MultiLayerSAE, optimizer: torch.optim.Optimizer, tracker: DeadLatentTracker
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into the given objects; returns the progress dict."""
+    path = Path(path)
     device = model.W_enc.device
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-    with torch.no_grad():
-        for name in WEIGHT_NAMES:
-            getattr(model, name).copy_(tensors[f"model.{name}"])
-    param_groups = json.loads(metadata["optimizer_param_groups"])
-    for group in param_groups:
-        group["betas"] = tuple(group["betas"])
-    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, param_id, key = name.split(".", 2)
-            optimizer_state.setdefault(int(param_id), {})[key] = value.to(device)
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
-    tracker.tokens_since_active.copy_(tensors["dead.tokens_since_active"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return json.loads(metadata["progress"])
+    tensors, metadata = load_safetensors(path, RESUME_FIX)
+    try:
+        with torch.no_grad():
+            for name in WEIGHT_NAMES:
+                getattr(model, name).copy_(tensors[f"model.{name}"])
+        param_groups = json.loads(metadata["optimizer_param_groups"])
+        for group in param_groups:
+            group["betas"] = tuple(group["betas"])
+        optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, param_id, key = name.split(".", 2)
+                optimizer_state.setdefault(int(param_id), {})[key] = value.to(device)
+        optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
+        tracker.tokens_since_active.copy_(tensors["dead.tokens_since_active"])
+        torch.set_rng_state(tensors["rng.torch"])
+        return json.loads(metadata["progress"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a checkpoint of another shape or program
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MlsaeError(f"{path} is not a checkpoint of this run ({reason}); {RESUME_FIX}") from None
 
 
 def read_progress(path: str | Path) -> dict[str, Any]:
-    """The progress metadata of a checkpoint, without loading its tensors."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return json.loads(f.metadata()["progress"])
+    """The progress metadata of a checkpoint (or of weights saved by the trainer), without loading or
+    verifying its tensors; a file without one raises MlsaeError."""
+    metadata = read_safetensors_metadata(path, RESUME_FIX)
+    if "progress" not in metadata:
+        raise MlsaeError(f"{path} records no training progress; point at a file written by mlsae-train")
+    try:
+        return json.loads(metadata["progress"])
+    except ValueError:
+        raise MlsaeError(f"{path} has a damaged progress record; {RESUME_FIX}") from None
+
+
+def training_progress(run: str | Path) -> dict[str, Any] | None:
+    """How far a run's weights were trained (step, tokens, total_steps, ...), without verifying them:
+    recorded in sae.safetensors since checksums exist, before that in the checkpoint saved with them.
+    None when neither records it (e.g. a bare SAE file saved with :func:`save_sae`)."""
+    run = Path(run)
+    weights = run / SAE_FILE if run.is_dir() else run
+    checkpoint = weights.parent / CHECKPOINT_FILE
+    for file in (weights, checkpoint):
+        try:
+            return read_progress(file)
+        except MlsaeError:
+            continue
+    return None
 
 
 def run_is_finished(run: str | Path) -> bool:
-    """True when the run's weights are final: the trainer writes them before each checkpoint, so a
-    checkpoint at the last step means they are (sae.safetensors alone may be a mid-run snapshot)."""
+    """True when the run's weights are final: they record the step they were saved at (older runs: the
+    trainer wrote them before each checkpoint, so a checkpoint at the last step means they are)."""
     run = Path(run)
-    try:
-        progress = read_progress(run / CHECKPOINT_FILE)
-    except Exception:  # missing or unreadable: not finished, and --resume will say what is wrong
+    if not (run / SAE_FILE).exists():
         return False
-    return progress.get("step") == progress.get("total_steps") and (run / SAE_FILE).exists()
+    progress = training_progress(run)
+    return progress is not None and progress.get("step") == progress.get("total_steps")

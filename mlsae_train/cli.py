@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
+from mlsae_cache.path_kinds import require_cache_path
 
 from .config import TrainConfig
 
@@ -19,6 +20,8 @@ def _train(argv: Sequence[str] | None) -> int:
     )
     add_dataclass_arguments(parser, TrainConfig, short={"k": "-k"})
     config = config_from_args(TrainConfig, parser.parse_args(argv))
+    for cache in config.shards:
+        require_cache_path(cache, "--shards")
     from .trainer import train  # torch is imported only once the arguments parse
 
     train(config)
@@ -26,7 +29,7 @@ def _train(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(_train, argv)
+    return run_command(_train, argv, resumes="the last checkpoint is kept; run the same command with --resume to continue from it")
 
 
 if __name__ == "__main__":

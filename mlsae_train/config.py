@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -67,7 +68,7 @@ class TrainConfig:
     """Write a checkpoint after every this many training tokens (and at the end)."""
 
     verify: bool = True
-    """Check every shard's sha256 before training (--no-verify skips this pass over the whole cache)."""
+    """Check every shard's checksum (BLAKE3, or sha256 in older caches) before training (--no-verify skips this pass over the whole cache)."""
 
     progress: bool = True
     """Show a progress bar."""
@@ -95,6 +96,10 @@ class TrainConfig:
         })  # fmt: skip
         if self.auxk_alpha < 0:
             raise MlsaeError(f"--auxk-alpha must be >= 0, got {self.auxk_alpha}")
+        if not math.isfinite(self.lr):  # inf passes "positive", then trains NaN weights
+            raise MlsaeError(f"--lr must be a finite number, got {self.lr}; the paper uses 1e-4")
+        if not math.isfinite(self.auxk_alpha):
+            raise MlsaeError(f"--auxk-alpha must be a finite number, got {self.auxk_alpha}; the paper uses 1/32")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise MlsaeError(f"--layers {' '.join(map(str, self.layers))} names a layer twice; name each once")
 

@@ -1,10 +1,11 @@
-"""Training batches: random tokens from all caches at once, read ahead on a background thread.
+"""Training batches: random tokens from all caches at once, read ahead by background threads.
 
 - :class:`ActivationDataset` joins one or more caches into one global token index and picks layers.
 - :class:`BatchOrder` says which tokens make up each step's batch: one seeded permutation of all
   tokens per epoch, cut into consecutive batches. It is a pure function of (seed, step), so a resumed
   run needs only the step number to continue the same stream.
-- :class:`Prefetcher` reads the next batches while the current one trains.
+- :class:`Prefetcher` reads the next batches while the current one trains, each batch gathered by
+  several threads in the storage dtype (the trainer converts to float32 on its device).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import numpy as np
 import torch
 
 from mlsae_cache import open_cache
+from mlsae_cache import shard_format as sf
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.parallel_read import HostBuffers, RowReader, default_workers, storage_dtype_of
+from mlsae_cache.reader import OutDtype
 
 
 class ActivationDataset:
@@ -60,6 +64,9 @@ class ActivationDataset:
         counts = np.array([cache.n_tokens for cache in self.caches], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # [n_caches + 1]: global index of each cache's first token
         self.n_tokens = int(self._starts[-1])
+        dtypes = {cache.dtype for cache in self.caches}
+        # what read(..., out_dtype="storage") returns: the caches' dtype, or float32 for caches of several dtypes
+        self.storage_dtype: str = dtypes.pop() if len(dtypes) == 1 else "float32"
 
     @property
     def n_layers(self) -> int:
@@ -77,17 +84,29 @@ class ActivationDataset:
         """``cache/shard`` names whose checksum or size no longer matches the manifest (a full read)."""
         return [f"{cache.root}/shards/{name}" for cache in self.caches for name in cache.verify()]
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        """Activations of the global tokens ``indices`` (1-D int64): float32 [len, n_layers, d_model]."""
+    def read(self, indices: np.ndarray, *, out_dtype: OutDtype = "float32", out: np.ndarray | None = None) -> np.ndarray:
+        """Activations of the global tokens ``indices`` (1-D int64): [len, n_layers, d_model] float32, or in
+        ``storage_dtype`` (its numpy dtype, ``sf.STORAGE_NUMPY``) with ``out_dtype="storage"``; into ``out`` when given."""
         positions = self._layer_positions  # None: all layers
         if len(self.caches) == 1:
-            return self.caches[0].read(indices, positions)
+            return self.caches[0].read(indices, positions, out_dtype=out_dtype, out=out)
+        numpy_dtype = np.float32 if out_dtype == "float32" else sf.STORAGE_NUMPY[self.storage_dtype]
+        if out is None:
+            out = np.empty((len(indices), self.n_layers, self.d_model), dtype=numpy_dtype)
+        # a cache stored in another dtype than the batch (caches of mixed dtypes) is converted to float32 here
+        cache_dtypes: list[OutDtype] = ["storage" if c.storage_numpy == numpy_dtype else "float32" for c in self.caches]
         cache_of = np.searchsorted(self._starts, indices, side="right") - 1
-        out = np.empty((len(indices), self.n_layers, self.d_model), dtype=np.float32)
+        if len(indices) < 2 or bool((indices[1:] >= indices[:-1]).all()):  # ascending: one run of rows per cache
+            bounds = np.searchsorted(cache_of, np.arange(len(self.caches) + 1))
+            for i, cache in enumerate(self.caches):
+                rows = slice(bounds[i], bounds[i + 1])
+                if rows.start < rows.stop:
+                    cache.read(indices[rows] - self._starts[i], positions, out_dtype=cache_dtypes[i], out=out[rows])
+            return out
         for i, cache in enumerate(self.caches):
             mask = cache_of == i
             if mask.any():
-                out[mask] = cache.read(indices[mask] - self._starts[i], positions)
+                out[mask] = cache.read(indices[mask] - self._starts[i], positions, out_dtype=cache_dtypes[i])
         return out
 
     def describe_token(self, index: int) -> str:
@@ -98,11 +117,11 @@ class ActivationDataset:
         return f"token {index} (shard {shard}, row {row} of cache {cache.root})"
 
     def check_finite(self, batch: np.ndarray, indices: np.ndarray) -> None:
-        """Raise an MlsaeError naming the first token of ``batch`` with a NaN or infinite activation."""
-        finite = np.isfinite(batch)
-        if finite.all():
+        """Raise an MlsaeError naming the first token of ``batch`` (float32 or stored) with a NaN or infinite activation."""
+        bad = sf.first_non_finite(batch, storage_dtype_of(batch))
+        if bad is None:
             return
-        row, layer = np.argwhere(~finite.all(axis=2))[0]
+        row, layer = bad
         raise MlsaeError(
             f"the activations of {self.describe_token(int(indices[row]))} at layer {self.layers[layer]} are NaN or "
             "infinite; rebuild that cache (or drop it from --shards)"
@@ -142,10 +161,14 @@ class BatchOrder:
 
 
 class Prefetcher:
-    """Reads the batches of ``steps`` on a background thread, ``depth`` batches ahead of training.
+    """Reads the batches of ``steps`` ahead of training, ``depth`` batches ahead, each gathered by
+    ``workers`` threads (None: sized to the cores, see :func:`mlsae_cache.parallel_read.default_workers`).
 
-    Iterating yields ``(step, x)`` with x a float32 tensor [b, n_layers, d_model]; an error in the
-    reader (a damaged shard, NaN activations) is raised in the training thread at the step it belongs to.
+    Iterating yields ``(step, x)`` with x a CPU tensor [b, n_layers, d_model] in the caches' storage dtype
+    (``dataset.storage_dtype``: torch.float16, torch.bfloat16 or torch.float32; pinned with ``pin_memory``):
+    move it to the device and convert there, ``x.to(device, non_blocking=True).float()``, which is exact.
+    Each batch is checked for NaN and infinite values as it is read; an error in the reader (a damaged
+    shard, NaN activations) is raised in the training thread at the step it belongs to.
     """
 
     def __init__(
@@ -157,6 +180,8 @@ class Prefetcher:
         world_size: int = 1,
         depth: int = 2,
         pin_memory: bool = False,
+        *,
+        workers: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.order = order
@@ -164,6 +189,10 @@ class Prefetcher:
         self.rank = rank
         self.world_size = world_size
         self.pin_memory = pin_memory
+        self.workers = default_workers() if workers is None else workers
+        self._rows = RowReader(self.workers)
+        # every batch alive at once: depth queued, one being read, the trainer's current and previous one
+        self._buffers = HostBuffers(dataset.storage_dtype, pin_memory, keep=depth + 3)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="mlsae-prefetch", daemon=True)
@@ -172,16 +201,23 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             for step in self.steps:
-                indices = self.order.local_batch(step, self.rank, self.world_size)
-                batch = self.dataset.read(indices)
-                self.dataset.check_finite(batch, indices)
-                x = torch.from_numpy(batch)
-                if self.pin_memory:
-                    x = x.pin_memory()
-                if not self._put((step, x)):
+                if not self._put((step, self._read(step))):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
             self._put((None, exc))
+
+    def _read(self, step: int) -> torch.Tensor:
+        """This process's share of step ``step``'s batch, in the storage dtype, checked for NaN and inf."""
+        indices = self.order.local_batch(step, self.rank, self.world_size)
+        dataset = self.dataset
+        x, stored = self._buffers.take((len(indices), dataset.n_layers, dataset.d_model))
+
+        def fill(start: int, stop: int) -> None:  # rows [start, stop), in one of the reader threads
+            dataset.read(indices[start:stop], out_dtype="storage", out=stored[start:stop])
+            dataset.check_finite(stored[start:stop], indices[start:stop])  # while the rows are in the CPU cache
+
+        self._rows.run(len(indices), stored[:1].nbytes, fill)
+        return x
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -202,6 +238,7 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._rows.close()
 
     def __enter__(self) -> Prefetcher:  # noqa: PYI034
         return self

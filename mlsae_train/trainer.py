@@ -4,6 +4,7 @@ over steps (see step.py), logging every step and checkpointing every ``save_ever
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,10 @@ from tqdm import tqdm
 
 from mlsae_cache.atomic import atomic_write_text
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.integrity import RECORD_FILE, record_files
+from mlsae_cache.path_kinds import is_cache_dir, is_run_dir
 
-from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_checkpoint, save_checkpoint, save_sae
+from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SAE_FILE, load_checkpoint, read_progress, save_checkpoint, save_sae
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import ActivationDataset, BatchOrder, Prefetcher
 from .dead_latents import DeadLatentTracker
@@ -42,12 +45,17 @@ def _check_run_dir(run: Path, config: TrainConfig, info: dict) -> Path | None:
     """Refuse to overwrite a run, or to resume one with other settings. Returns the checkpoint to resume from."""
     if run.exists() and not run.is_dir():
         raise MlsaeError(f"--out {run} is a file; give a directory for the run")
+    if is_cache_dir(run) and not is_run_dir(run):
+        raise MlsaeError(f"--out {run} is an activation cache (written by mlsae-cache), not a run directory; choose another --out")
     saved_config_file = run / CONFIG_FILE
     if not config.resume:
-        if saved_config_file.exists() or (run / CHECKPOINT_FILE).exists():
+        if is_run_dir(run):
             raise MlsaeError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+        if run.is_dir() and any(run.iterdir()):  # the run's files would land among (and could replace) someone else's
+            other = sorted(run.iterdir())[0].name
+            raise MlsaeError(f"--out {run} is not empty and holds no run (it holds {other}); choose a new or empty --out")
         return None
-    if not saved_config_file.exists():
+    if not saved_config_file.exists() or not is_run_dir(run):
         raise MlsaeError(f"--resume: {run} holds no run to resume; drop --resume to start one there")
     try:
         saved = json.loads(saved_config_file.read_text())
@@ -70,6 +78,14 @@ def _check_run_dir(run: Path, config: TrainConfig, info: dict) -> Path | None:
         )
     checkpoint = run / CHECKPOINT_FILE
     return checkpoint if checkpoint.exists() else None
+
+
+def _drop_torn_writes(run: Path) -> None:
+    """Remove the temporary files (".NAME.XXXX.tmp") of the run's own atomic writes that a kill -9 cut short."""
+    own = (CONFIG_FILE, SAE_FILE, CHECKPOINT_FILE, METRICS_FILE, RECORD_FILE)
+    for path in run.glob(".*.tmp"):
+        if path.is_file() and any(path.name.startswith(f".{name}.") for name in own):
+            path.unlink(missing_ok=True)
 
 
 def _count_steps(config: TrainConfig, n_tokens: int) -> int:
@@ -134,8 +150,10 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
         _init_b_pre(model, dataset, order)
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        _drop_torn_writes(run)
         if checkpoint is None:
             atomic_write_text(run / CONFIG_FILE, json.dumps(info, indent=1) + "\n")
+            record_files(run, [CONFIG_FILE])  # the weights and checkpoints carry their own checksums
     dist.barrier()
 
     steps = range(start_step, total_steps)
@@ -164,21 +182,25 @@ def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: 
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # mixed precision: the encoder matmul
     screen = use_screen(config.screen, device, auto_on_gpu=False)
     bar = tqdm(
-        total=total_steps, initial=steps.start, unit="step", disable=not (config.progress and dist.is_main),
+        total=total_steps, initial=steps.start, unit="step", desc="train", disable=not (config.progress and dist.is_main),
         dynamic_ncols=True, file=sys.stderr,
     )  # fmt: skip
     metrics: dict[str, Any] = {}
     every = config.save_every_tokens
+    last_saved_step = steps.start  # the checkpoint this process resumed from (0: none)
     with bar, Prefetcher(dataset, order, steps, dist.rank, dist.world_size, pin_memory=device.type == "cuda") as batches:
         batch_iter = iter(batches)
         started = time.perf_counter()
         for step in steps:
             _, x = _next_batch(batch_iter, dist)
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).float()  # the stored dtype crosses to the device, float32 is made there
             metrics = train_step(
                 model, optimizer, tracker, x, config.batch_tokens, config.auxk_alpha, dist, matmul_dtype,
                 config.micro_batch_tokens, screen,
             )  # fmt: skip
+            problem = _non_finite(metrics, model)
+            if problem is not None:  # stop before this step is logged or saved: the last checkpoint stays good
+                raise _diverged(config, step, total_steps, problem, last_saved_step)
             now = time.perf_counter()
             tokens = (step + 1) * config.batch_tokens
             metrics = {"step": step, "tokens": tokens, **metrics, "tokens_per_s": config.batch_tokens / (now - started)}
@@ -191,9 +213,49 @@ def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: 
                 dead=f"{metrics['dead_fraction']:.1%}", tok_s=f"{metrics['tokens_per_s']:.0f}",
             )  # fmt: skip
             if step + 1 == total_steps or tokens // every > (tokens - config.batch_tokens) // every:
-                progress = {"step": step + 1, "tokens": tokens, "total_steps": total_steps, "world_size": dist.world_size}
+                progress = {"step": step + 1, "tokens": tokens, "total_steps": total_steps,
+                            "total_tokens": total_steps * config.batch_tokens, "world_size": dist.world_size}  # fmt: skip
                 _save(config, model, optimizer, tracker, dist, progress)
+                last_saved_step = step + 1
     return metrics
+
+
+# An FVU this large means the error is a million times the data's variance: float32 has not overflowed
+# yet (--lr 1e6 sits at FVU ~1e25 for ever), but the weights are lost. Healthy runs stay below ~10
+# even when a large learning rate makes them jump.
+DIVERGED_FVU = 1e6
+
+
+def _non_finite(metrics: dict[str, Any], model: MultiLayerSAE) -> str | None:
+    """What went non-finite (or diverged past DIVERGED_FVU) in this step: its loss terms, then the
+    weights after it; None when all is well.
+
+    Every process holds the same summed loss and the same weights, so all of them stop together.
+    """
+    for name in ("loss", "fvu", "auxk"):
+        if not math.isfinite(metrics[name]):
+            return f"the {'AuxK loss' if name == 'auxk' else name} is {metrics[name]}"
+    if metrics["fvu"] > DIVERGED_FVU:
+        return f"the FVU is {metrics['fvu']:.3g}, over {DIVERGED_FVU:.0e} (an error that large only grows towards inf)"
+    with torch.no_grad():  # a float64 sum is NaN or inf exactly when some entry is (float32 entries cannot overflow it)
+        sums = torch.stack([getattr(model, name).sum(dtype=torch.float64) for name in ("W_enc", "W_dec", "b_pre")])
+        if not torch.isfinite(sums).all():
+            bad = [name for name, total in zip(("W_enc", "W_dec", "b_pre"), sums.tolist()) if not math.isfinite(total)]
+            return f"the weights {', '.join(bad)} hold NaN or infinite values after it"
+    return None
+
+
+def _diverged(config: TrainConfig, step: int, total_steps: int, problem: str, last_saved_step: int) -> MlsaeError:
+    kept = (
+        f"the last good checkpoint (step {last_saved_step}) is kept"
+        if last_saved_step > 0
+        else "no checkpoint had been written yet"
+    )
+    return MlsaeError(
+        f"training diverged at step {step + 1} of {total_steps}: {problem}; the learning rate (--lr {config.lr:g}) is "
+        f"likely too high (or the cache holds extreme values); stopped without saving this step, {kept}; "
+        "train again with a lower --lr in a new --out"
+    )
 
 
 def _next_batch(batch_iter, dist: Distributed) -> tuple[int, torch.Tensor]:
@@ -224,16 +286,18 @@ def _init_b_pre(model: MultiLayerSAE, dataset: ActivationDataset, order: BatchOr
 
 
 def _save_final_weights(model: MultiLayerSAE, run: Path, dist: Distributed) -> None:
+    """The weights of a run resumed at its last step, with the progress of the (verified) checkpoint they come from."""
     if dist.is_main:
-        save_sae(model, run / SAE_FILE)
+        save_sae(model, run / SAE_FILE, read_progress(run / CHECKPOINT_FILE))
     dist.barrier()
 
 
 def _save(config: TrainConfig, model, optimizer, tracker, dist: Distributed, progress: dict) -> None:
     run = Path(config.out)
     if dist.is_main:
-        # weights first: a checkpoint at the last step then means the weights are final (run_is_finished)
-        save_sae(model, run / SAE_FILE)
+        # weights first, recording their progress: a run killed between the two files has final weights
+        # (run_is_finished), and an older checkpoint that --resume redoes the last steps from
+        save_sae(model, run / SAE_FILE, progress)
         save_checkpoint(run / CHECKPOINT_FILE, model, optimizer, tracker, progress)
     dist.barrier()
 

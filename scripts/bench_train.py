@@ -51,11 +51,14 @@ def synthetic_activations(n_tokens: int, n_layers: int, d: int, seed: int) -> np
 class ArrayDataset:
     """The part of ActivationDataset that the prefetcher uses, over an in-memory array."""
 
+    storage_dtype = "float32"
+
     def __init__(self, acts: np.ndarray) -> None:
         self.acts = acts
+        self.n_layers, self.d_model = acts.shape[1:]
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        return self.acts[indices]
+    def read(self, indices: np.ndarray, *, out_dtype: str = "float32", out: np.ndarray | None = None) -> np.ndarray:
+        return np.take(self.acts, indices, axis=0, out=out)
 
     def check_finite(self, batch: np.ndarray, indices: np.ndarray) -> None:
         assert np.isfinite(batch).all()

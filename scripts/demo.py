@@ -6,11 +6,18 @@ Stage 1 caches the residual stream of every layer for a training and a held-out 
 trains an MLSAE on the training cache; stage 3 analyses it on the test cache. Each stage is the
 project's own command, so the demo is also a smoke test of them; each resumes where it stopped.
 Ends by printing a short summary (FVU, delta CE, ratios 11 and 12) and where everything is.
+
+SmolLM2 puts an attention sink on the first position of every sequence: its residual norm there reaches
+~23,000 against a median of 135-240 at layers 11-27, so those 0.2% of tokens carry 97-99% of those
+layers' variance and decide FVU (README, "The demo's token filter"). The caches therefore leave out
+position 0 of every sequence (``--skip-positions 1``, counted in each manifest); pass
+``--skip-positions 0`` (with another --out) to see the numbers with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -53,12 +60,18 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--splice-sequences", type=int, default=4, help="test sequences spliced per layer for delta CE / KL (of the 8 in the default test split)")
+    parser.add_argument("--skip-positions", type=int, default=1, help="positions left out at the start of every sequence "
+                        "(SmolLM2's attention sink at position 0; 0 keeps them)")  # fmt: skip
+    parser.add_argument("--max-norm-ratio", type=float, default=None, help="also leave out tokens above this multiple of a layer's median norm")
     args = parser.parse_args()
     out = Path(args.out)
     model, shakespeare = ensure_smollm2(), ensure_shakespeare()
     train_text, test_text = split_texts(shakespeare, out)
 
-    common = ["--model", str(model), "--seq-len", str(args.seq_len), "--batch-size", "4", "--dtype", "float16"]
+    common = ["--model", str(model), "--seq-len", str(args.seq_len), "--batch-size", "4", "--dtype", "float16",
+              "--skip-positions", str(args.skip_positions)]  # fmt: skip
+    if args.max_norm_ratio is not None:
+        common += ["--max-norm-ratio", str(args.max_norm_ratio)]
     run_dir, analysis = out / "run", out / "analysis"
     try:
         run("mlsae_cache.cli", *common, "--dataset", str(train_text), "--out", str(out / "cache-train"), "--tokens", str(args.train_tokens))
@@ -82,11 +95,21 @@ def main() -> int:
 def print_summary(out: Path, analysis: Path) -> None:
     import polars as pl
 
-    mean = pl.read_csv(analysis / "metrics.csv").filter(pl.col("layer").cast(pl.Utf8) == "mean").row(0, named=True)
+    metrics = pl.read_csv(analysis / "metrics.csv").with_columns(pl.col("layer").cast(pl.Utf8))
+    mean = metrics.filter(pl.col("layer") == "mean").row(0, named=True)
+    worst = metrics.filter(pl.col("layer") != "mean").sort("var_share_top_0.1pct", descending=True).row(0, named=True)
     ratios = pl.read_csv(analysis / "variance_ratios.csv").row(0, named=True)
+    test_manifest = json.loads((out / "cache-test" / "manifest.json").read_text())
+    left_out = test_manifest.get("tokens_left_out") or {}
     print()
     print("demo finished: SmolLM2-135M (30 layers) on Shakespeare -> MLSAE (R=8, k=32) -> analysis")
+    skip = (test_manifest.get("token_filter") or {}).get("skip_positions", 0)
+    where = "none skipped" if not skip else "position 0" if skip == 1 else f"positions 0-{skip - 1}"
+    print(f"  test tokens: {test_manifest['n_tokens']:,} stored; left out {left_out.get('by_position', 0):,} at the start of "
+          f"their sequence ({where}) and {left_out.get('by_norm', 0):,} above a norm threshold")  # fmt: skip
     print(f"  FVU {mean['fvu']:.3f}   delta CE {mean['delta_ce']:.3f} nats   KL {mean['kl_per_token']:.3f} nats/token")
+    print(f"  top 0.1% of tokens by norm carry up to {worst['var_share_top_0.1pct']:.1%} of a layer's variance (layer {worst['layer']}); "
+          f"FVU without them {mean['fvu_without_top_0.1pct']:.3f}")  # fmt: skip
     print(f"  ratio 11 (E_J[Var(L|J)] / Var(L)) {ratios['ratio_11']:.1%}   ratio 12 (E_J,T[Var(L|J,T)] / E_J[Var(L|J)]) {ratios['ratio_12']:.1%}")
     print(f"  caches : {out / 'cache-train'}  {out / 'cache-test'}")
     print(f"  MLSAE  : {out / 'run'}")

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mlsae_analysis.files import remove_stale_partials  # noqa: E402
 from mlsae_cache.atomic import atomic_write_json  # noqa: E402
 from mlsae_cache.clitools import run_command  # noqa: E402
 from mlsae_cache.errors import MlsaeError  # noqa: E402
@@ -194,20 +195,56 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     table[leaf] = value
 
 
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the config's relative paths relative to its own folder, whatever the current folder is.
+
+    ``out`` and a model's ``lens`` are always paths. A dataset, a model ``path`` or a ``tokenizer`` may
+    also be a hub id, so it is taken as a path only when it exists beside the config."""
+
+    def here(value: str) -> str:
+        return str((base / value).resolve())
+
+    def maybe_here(value: Any) -> Any:
+        return here(value) if isinstance(value, str) and value and (base / value).exists() else value
+
+    if isinstance(raw.get("out"), str) and raw["out"]:
+        raw["out"] = here(raw["out"])
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("dataset", "train_dataset", "test_dataset"):
+            if key in data:
+                data[key] = maybe_here(data[key])
+    for entry in raw.get("models") or []:
+        if isinstance(entry, dict):
+            if "path" in entry:
+                entry["path"] = maybe_here(entry["path"])
+            if isinstance(entry.get("lens"), str) and entry["lens"]:
+                entry["lens"] = here(entry["lens"])
+    for stage in SWEEP_OWNED:
+        table = raw.get(stage)
+        if isinstance(table, dict) and "tokenizer" in table:
+            table["tokenizer"] = maybe_here(table["tokenizer"])
+
+
 def load_config(path: Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read, check and expand a sweep config; every problem is one MlsaeError line naming the key."""
     where = str(path)
+    if Path(path).is_dir():
+        raise MlsaeError(f"sweep config {path} is a folder; give a .toml file such as sweeps/tiny.toml")
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MlsaeError(f"sweep config {path} does not exist; give a .toml file such as sweeps/tiny.toml") from None
     except tomllib.TOMLDecodeError as exc:
         raise MlsaeError(f"{where} is not valid TOML: {exc}") from None
-    for assignment in overrides:
+    _resolve_relative_paths(raw, Path(path).parent)
+    for assignment in overrides:  # typed on the command line: relative to the current folder, as usual
         apply_override(raw, assignment)
     _check_keys(raw, TOP_KEYS, where)
     if not isinstance(raw.get("out"), str):
         raise MlsaeError(f"{where}: set out = \"DIR\", the folder the sweep writes into")
+    if Path(raw["out"]).exists() and not Path(raw["out"]).is_dir():
+        raise MlsaeError(f"{where}: out = {raw['out']} is a file; set out to a folder the sweep writes into")
     launcher = raw.get("launcher", [])
     if not (isinstance(launcher, list) and all(isinstance(a, str) for a in launcher)):
         raise MlsaeError(f"{where}: launcher must be a list of strings, e.g. [\"torchrun\", \"--nproc-per-node\", \"8\"]")
@@ -568,8 +605,13 @@ def report_is_current(report_dir: Path, fingerprint: dict[str, str]) -> bool:
 def write_report(planner: Planner, runs: list[Run], fingerprint: dict[str, str], call: Callable[[Stage], int]) -> int:
     """mlsae-analyse report into a fresh sibling, then swap it in place of OUT/report."""
     out = planner.out / "report"
+    if out.exists() and not (out / REPORT_RUNS_FILE).is_file():  # replace only a report this sweep wrote
+        print(f"error: {out} was not written by the sweep (it has no {REPORT_RUNS_FILE}); move it away so that the report "
+              "can go there", file=sys.stderr)  # fmt: skip
+        return 2
+    for leftover in (".report.new-", ".report.old-", "..report.new-"):  # of a sweep killed while making its report
+        remove_stale_partials(out, leftover)
     fresh, stale = out.parent / f".report.new-{os.getpid()}", out.parent / f".report.old-{os.getpid()}"
-    shutil.rmtree(fresh, ignore_errors=True)
     dirs = [str(planner.analysis_dir(r)) for r in runs if r.name in fingerprint]
     code = call(Stage("report", f"{len(dirs)} runs", "mlsae_analysis.cli", ["report", *dirs, "--out", str(fresh)], out))
     if code != 0:

@@ -52,15 +52,22 @@ CASES = {
     "empty cache": ("sae", "empty_cache", [], "holds no tokens"),
     "directory without a cache": ("sae", "not_a_cache", [], "holds no cache"),
     "unfinished cache": ("sae", "unfinished_cache", [], "unfinished"),
-    "truncated checkpoint": ("truncated_sae", "cache", [], "not a readable SAE checkpoint"),
+    "truncated checkpoint": ("truncated_sae", "cache", [], "truncated.safetensors is truncated"),
     "run still training": ("unfinished_run", "cache", [], "has not finished training"),
     "language model of another width": ("sae", "cache", ["--model", "{wide_model}"], "width 32", "16"),
     "prompt of special tokens only": ("sae", "cache", ["--model", "{wide_model}", "--prompt", "<|endoftext|>"], "--prompt"),
+    "a cache as --run": ("cache", "cache", [], "--run", "activation cache", "not a training run"),
+    "a run as --shards": ("sae", "unfinished_run", [], "--shards", "training run", "not a cache"),
+    "a file as --shards": ("sae", "sae", [], "--shards", "is a file, not a cache directory"),
+    "--device cuda without a GPU": ("sae", "cache", ["--device", "cuda"], "--device cuda", "no CUDA GPU", "--device cpu"),
+    "an unknown --device": ("sae", "cache", ["--device", "gpu"], "unknown --device gpu"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_leaves_no_out(case, inputs, tmp_path, capsys):
+    if case == "--device cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here")
     run, cache, extra, *fragments = CASES[case]
     extra = [arg.format(**{k: str(v) for k, v in inputs.items()}) for arg in extra]
     if "--model" not in extra:
@@ -70,3 +77,60 @@ def test_bad_input_is_one_line_and_leaves_no_out(case, inputs, tmp_path, capsys)
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, *fragments)
     assert list(tmp_path.iterdir()) == []  # neither --out nor a partial sibling
+
+
+# ---------------------------------------------------------------------------------------------
+# faults during the analysis: one line, the truth about what is kept, nothing left behind
+
+
+def _analyse(inputs, out: Path) -> int:
+    return analyse_main(["--run", str(inputs["sae"]), "--shards", str(inputs["cache"]), "--out", str(out), "--no-progress", "--no-downstream"])
+
+
+def test_disk_full_names_the_file_under_out(inputs, tmp_path, capsys, monkeypatch):
+    """polars reports a full disk as an OSError without errno, its code in the message."""
+    import polars as pl
+
+    def write_csv_disk_full(self, file=None, **kwargs):
+        raise OSError("No space left on device (os error 28)") if file is None else OSError(28, "No space left on device", str(file))
+
+    monkeypatch.setattr(pl.DataFrame, "write_csv", write_csv_disk_full)
+    out = tmp_path / "out"
+    assert _analyse(inputs, out) == 28
+    line = assert_one_line_error(capsys.readouterr().err, "disk full while writing", str(out / "metrics.csv"), "run the same command again")
+    assert "partial" not in line and "what was finished is kept" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_parent_of_out(inputs, tmp_path, capsys, monkeypatch):
+    """Root writes through chmod 0o555, so a read-only folder is simulated at os.mkdir."""
+    import errno
+    import os
+
+    real_mkdir = os.mkdir
+
+    def mkdir_read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+    out = tmp_path / "out"
+    assert _analyse(inputs, out) == 2
+    line = assert_one_line_error(capsys.readouterr().err, "cannot write to", str(out), "permission denied", "writable --out")
+    assert "partial" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_says_nothing_was_kept_and_leaves_nothing(inputs, tmp_path, capsys, monkeypatch):
+    from mlsae_analysis import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "decoder_neighbours", interrupted)  # after the encode pass has written its latents
+    out = tmp_path / "out"
+    assert _analyse(inputs, out) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: nothing was kept"), err
+    assert list(tmp_path.iterdir()) == []

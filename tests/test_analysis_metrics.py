@@ -15,7 +15,7 @@ from models import assert_one_line_error
 from mlsae_analysis import variance_ratios
 from mlsae_analysis.cli import main as analyse_main
 from mlsae_analysis.examples import top_activations, top_examples
-from mlsae_analysis.metrics import ReconstructionMetrics
+from mlsae_analysis.metrics import NormOutliers, ReconstructionMetrics, concentration_warnings, top_count
 from mlsae_cache.writer import write_array_cache
 from mlsae_train import MultiLayerSAE, save_sae
 
@@ -98,7 +98,10 @@ def test_cli_writes_exact_metrics_latents_and_residual(acts, sae, cache_dir, run
     for name in ("fvu", "mse", "l0", "l1", "dead_fraction"):
         np.testing.assert_allclose(metrics[name][:3].to_numpy(), expected[name], rtol=1e-5, err_msg=name)
     assert metrics["fvu"][3] == pytest.approx(expected["fvu"].mean(), rel=1e-5)
-    assert metrics["dead_fraction"][3] == pytest.approx(expected["dead_any"])
+    assert metrics["dead_fraction"][3] == pytest.approx(expected["dead_fraction"].mean())  # the mean row is a mean
+    assert metrics["dead_every_layer"][3] == pytest.approx(expected["dead_any"])
+    assert metrics["dead_every_layer"][:3].is_nan().all()
+    assert json.loads((out / "summary.json").read_text())["metrics_mean"]["dead_every_layer"] == pytest.approx(expected["dead_any"])
     assert metrics["delta_ce"].is_nan().all()
 
     # the stored latents are exactly the active latents, in ascending order of token, layer, latent
@@ -236,3 +239,101 @@ def test_top_examples_against_brute_force():
             expected.append((j, rank, t, l, -neg_activation, [r["token_id"] for r in near], [r["token"] for r in near].index(t)))
     columns = ["latent", "rank", "token", "layer", "activation", "context_ids", "context_offset"]
     assert got.sort("latent", "rank").select(columns).rows() == expected
+
+
+# ----------------------------------------------------------------------------- outliers (issue 12 item 5)
+
+
+def outlier_reference(x: np.ndarray, x_hat: np.ndarray) -> dict[str, np.ndarray]:
+    """Brute force of metrics.py's outlier definitions: sort each layer's tokens by norm (stable: the
+    first token wins a tie), take the top ceil(f n), and recompute everything from scratch in float64."""
+    x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
+    n, n_layers, _ = x.shape
+    out: dict[str, list[float]] = {"var_share_top_0.1pct": [], "var_share_top_1pct": [], "fvu_without_top_0.1pct": []}
+    for layer in range(n_layers):
+        xl, hl = x[:, layer], x_hat[:, layer]
+        order = np.argsort(-np.linalg.norm(xl, axis=1), kind="stable")
+        centred = ((xl - xl.mean(axis=0)) ** 2).sum(axis=1)
+        top, wide = order[: max(1, int(np.ceil(n / 1000)))], order[: max(1, int(np.ceil(n / 100)))]
+        rest = np.setdiff1d(np.arange(n), top)
+        out["var_share_top_0.1pct"].append(centred[top].sum() / centred.sum())
+        out["var_share_top_1pct"].append(centred[wide].sum() / centred.sum())
+        rest_var = ((xl[rest] - xl[rest].mean(axis=0)) ** 2).sum()
+        out["fvu_without_top_0.1pct"].append(((xl[rest] - hl[rest]) ** 2).sum() / rest_var)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def planted_outliers(acts: np.ndarray) -> np.ndarray:
+    """acts with a few sequence-start-like outliers: layer 1 has two tokens 300x the others (they carry
+    nearly all of its variance); layer 0 has an exact tie in norm between tokens 5 and 200 (5 must win)."""
+    planted = acts.copy()
+    planted[[0, 150], 1] *= 300.0
+    planted[5, 0] = planted[200, 0] = 40.0 * acts[5, 0]
+    return planted
+
+
+@torch.no_grad()
+def feed(consumers, acts: np.ndarray, sae: MultiLayerSAE, bounds) -> np.ndarray:
+    """Feeds acts in uneven batches to the consumers; returns the reconstructions [N, nL, d]."""
+    x_hats = []
+    for start, stop in bounds:
+        x = torch.from_numpy(acts[start:stop])
+        recon = sae.reconstruct(x)
+        x_hat = recon.x_hat.view(x.shape)
+        for consumer in consumers:
+            consumer.update(x, x_hat, recon.values.view(stop - start, N_LAYERS, K), recon.indices.view(stop - start, N_LAYERS, K))
+        x_hats.append(x_hat.numpy())
+    return np.concatenate(x_hats)
+
+
+def test_top_count_rounds_up_and_keeps_one() -> None:
+    assert [top_count(n, 0.001) for n in (0, 1, 300, 1000, 1001, 4096)] == [0, 1, 1, 1, 2, 5]
+    assert [top_count(n, 0.01) for n in (99, 100, 101, 4096)] == [1, 1, 2, 41]
+
+
+@pytest.mark.parametrize("bounds", [((0, 300),), ((0, 7), (7, 150), (150, 151), (151, 300))])
+def test_outlier_columns_equal_brute_force_with_planted_outliers_and_ties(acts, sae, bounds):
+    planted = planted_outliers(acts)
+    recon, outliers = ReconstructionMetrics(N_LAYERS, D_MODEL, N_LATENTS), NormOutliers(N_LAYERS, N_TOKENS)
+    x_hat = feed([recon, outliers], planted, sae, bounds)
+    read_calls = []
+    got = outliers.per_layer(recon, lambda ids: read_calls.append(ids) or planted[ids], chunk=2)
+    expected = outlier_reference(planted, x_hat)
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name], values, rtol=1e-5, err_msg=name)
+    assert got["var_share_top_1pct"][1] > 0.99 and got["var_share_top_1pct"][2] < 0.1  # the planted layer only
+    assert sorted(np.concatenate(read_calls).tolist()) == sorted(set(np.concatenate(read_calls).tolist()))  # each token read once
+    # the tie at layer 0: token 5 (first) is the one left out; leaving out 200 instead gives another FVU
+    wrong = np.delete(np.arange(N_TOKENS), 200)
+    x0, h0 = planted[wrong, 0].astype(np.float64), x_hat[wrong, 0].astype(np.float64)
+    assert got["fvu_without_top_0.1pct"][0] != pytest.approx(((x0 - h0) ** 2).sum() / ((x0 - x0.mean(0)) ** 2).sum(), rel=1e-9)
+    # without outliers, leaving one token out barely changes FVU
+    assert got["fvu_without_top_0.1pct"][2] == pytest.approx(recon.per_layer()["fvu"][2], rel=0.05)
+
+
+def test_concentration_warning_names_the_layers() -> None:
+    assert concentration_warnings([0, 1, 2], np.array([0.1, 0.5, 0.2]), 4096) == []  # exactly half is not over half
+    (line,) = concentration_warnings([3, 4, 5, 9], np.array([0.6, 0.97, 0.4, 0.51]), 4096)
+    assert line.startswith("warning: at layer(s) 3-4, 9 the top 1% of tokens by norm (41 of 4,096) carry over half")
+    assert "up to 97% at layer 4" in line and "\n" not in line
+
+
+def test_cli_reports_outliers_and_warns_once(acts, sae, tmp_path, capsys):
+    planted = planted_outliers(acts)
+    cache = write_array_cache(tmp_path / "cache", planted, seq_len=10, shard_tokens=100)
+    run = tmp_path / "sae.safetensors"
+    save_sae(sae, run)
+    capsys.readouterr()
+    assert analyse(run, cache, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "of tokens by norm" in line]
+    metrics = pl.read_csv(tmp_path / "out" / "metrics.csv")
+    with torch.no_grad():
+        x_hat = sae(torch.from_numpy(planted)).numpy()
+    expected = outlier_reference(planted, x_hat)
+    assert (expected["var_share_top_1pct"] > 0.5).tolist() == [True, True, False]  # both planted layers, not layer 2
+    assert len(warnings) == 1 and "layer(s) 0-1 " in warnings[0]
+    for name, values in expected.items():
+        np.testing.assert_allclose(metrics[name][:3].to_numpy(), values, rtol=1e-4, err_msg=name)
+        assert metrics[name][3] == pytest.approx(values.mean(), rel=1e-4)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"] == warnings

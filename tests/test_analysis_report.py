@@ -15,6 +15,7 @@ from models import assert_one_line_error
 
 from mlsae_analysis.cli import main as analyse_main
 from mlsae_analysis.report import model_size, read_runs, reference_config
+from mlsae_cache.integrity import record_files
 from mlsae_cache.writer import write_array_cache
 from mlsae_train import MultiLayerSAE, save_sae
 
@@ -54,6 +55,7 @@ def analysed(tmp_path_factory) -> dict[str, Path]:
     summary["metrics_mean"]["fvu"] = 0.5  # tell the twin's numbers apart from the original's
     summary["mmcs_mean"] = 0.25
     (lens / "summary.json").write_text(json.dumps(summary))
+    record_files(lens, ["summary.json"])  # a twin analysis, not a damaged one: its checksum follows the edit
     dirs["pythia-160m/4-2-lens"] = lens
     return dirs
 
@@ -166,6 +168,8 @@ def test_bad_inputs_are_one_line_and_leave_no_out(analysed, tmp_path, capsys):
     old_format = tmp_path / "old"
     shutil.copytree(analysed["pythia-70m/4-2"], old_format)
     (old_format / "summary.json").write_text(json.dumps({"model": "x"}))
+    for edited in (broken, old_format):  # contents the checksums vouch for: the parsing is what is tested here
+        record_files(edited, ["summary.json"])
     (tmp_path / "taken").mkdir()
     cases = [
         ([str(tmp_path / "nothing")], tmp_path / "out", "summary.json"),

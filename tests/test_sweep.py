@@ -165,6 +165,7 @@ def train_from_argv(argv: list[str], **kwargs) -> None:
     train(config_from_args(TrainConfig, parser.parse_args(argv)), **kwargs)
 
 
+@pytest.mark.slow
 def test_sweep_runs_everything_then_skips_then_redoes_only_what_is_missing(tiny_sweep_config, tmp_path, capsys):
     config_path, out = tiny_sweep_config
     run = ["--in-process", str(config_path)]
@@ -250,3 +251,68 @@ def test_bad_config_is_one_line_and_nonzero(edit, fragments, tiny_sweep_config, 
 def test_only_that_matches_nothing_is_one_line(capsys):
     assert sweep.main([str(REPO / "sweeps" / "paper.toml"), "--dry-run", "--only", "gpt2/*"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--only gpt2/* matches none of the 48 runs")
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """From any folder, the config's own relative paths mean the same files; a hub id stays a hub id."""
+    conf = tmp_path / "project" / "sweeps"
+    conf.mkdir(parents=True)
+    (conf / "text").mkdir()
+    (conf / "model").mkdir()
+    (conf / "my.toml").write_text(
+        'out = "../outputs"\n[data]\ntrain_dataset = "text"\ntest_dataset = "monology/pile-uncopyrighted"\n'
+        'train_tokens = 64\ntest_tokens = 64\n[cache]\ntokenizer = "model"\n'
+        '[[models]]\nname = "tiny"\npath = "model"\nlens = "lenses/tiny"\n[[models]]\nname = "pythia-70m"\n'
+        '[[grid]]\nmodels = ["tiny", "pythia-70m"]\nexpansion_factor = 1\nk = 4\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = sweep.load_config(Path("../project/sweeps/my.toml"))
+    assert config.out == (tmp_path / "project" / "outputs").resolve()
+    assert config.dataset("train") == str((conf / "text").resolve())
+    assert config.dataset("test") == "monology/pile-uncopyrighted"  # no such path beside the config: a hub id
+    assert config.models["tiny"].path == str((conf / "model").resolve())
+    assert config.models["tiny"].lens == str((conf / "lenses" / "tiny").resolve())  # always a path, made later
+    assert config.models["pythia-70m"].path == "pythia-70m"
+    assert config.options["cache"]["tokenizer"] == str((conf / "model").resolve())
+    overridden = sweep.load_config(Path("../project/sweeps/my.toml"), ["out=here"])  # typed here: relative to here
+    assert overridden.out == Path("here")
+
+
+def test_the_report_replaces_only_a_report_the_sweep_wrote(tmp_path, capsys):
+    config = sweep.load_config(REPO / "sweeps" / "paper.toml", [f"out={tmp_path / 'out'}"])
+    mine = tmp_path / "out" / "report"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    calls = []
+    code = sweep.write_report(sweep.Planner(config), config.runs, {"a": "b"}, lambda stage: calls.append(stage) or 0)
+    assert code == 2 and calls == []
+    assert_one_line_error(capsys.readouterr().err, str(mine), "not written by the sweep")
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_sweeps_report_leftovers_are_removed(tmp_path, capsys):
+    import subprocess
+
+    config = sweep.load_config(REPO / "sweeps" / "paper.toml", [f"out={tmp_path / 'out'}"])
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process that no longer runs
+    stale = [tmp_path / "out" / f".report.{kind}-{child.pid}" for kind in ("new", "old")]
+    stale.append(tmp_path / "out" / f"..report.new-{child.pid}.partial-{child.pid}")  # mlsae-analyse report's own partial
+    for folder in stale:
+        folder.mkdir(parents=True)
+    calls = []
+    assert sweep.write_report(sweep.Planner(config), config.runs, {}, lambda stage: calls.append(stage) or 1) == 1
+    assert len(calls) == 1 and not any(folder.exists() for folder in stale)
+
+
+def test_a_folder_for_the_config_or_a_file_for_out_is_one_line(tiny_sweep_config, tmp_path, capsys):
+    assert sweep.main([str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(tmp_path), "is a folder", ".toml")
+    config, _ = tiny_sweep_config
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    assert sweep.main([str(config), "--dry-run", "--set", f"out={a_file}"]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(a_file), "is a file")
+    assert a_file.read_text() == "mine"

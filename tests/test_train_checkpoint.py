@@ -94,6 +94,7 @@ def test_resume_of_a_finished_run_rewrites_missing_weights(cache, uninterrupted,
     assert (run / "sae.safetensors").read_bytes() == (uninterrupted / "sae.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_after_killing_the_process(tmp_path):
     cache = write_array_cache(tmp_path / "c", sparse_acts(1536, 2, 32, seed=1), layers=[0, 1], shard_tokens=500)
     settings = {"expansion_factor": 16, "k": 4, "batch_tokens": 32, "dead_tokens": 256, "save_every_tokens": 64, "lr": 1e-3}
@@ -139,7 +140,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_the_bfloat16_screen_trains_as_the_float32_kernel_and_resumes_bit_for_bit(cache, tmp_path):
     """--screen on (exact bfloat16 screen) and off (float32 kernel): the same run up to float32 rounding,
-    each resumed bit for bit. The module's other tests run --screen auto, which is either."""
+    each resumed bit for bit. The module's other tests run the default, --screen off (the float32 kernel)."""
     finals = {}
     for screen in ("on", "off"):
         full, resumed = tmp_path / f"full-{screen}", tmp_path / f"resumed-{screen}"

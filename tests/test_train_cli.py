@@ -157,3 +157,90 @@ def test_missing_optional_logger(cache, tmp_path, capsys):
     code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(tmp_path / "r"), *TINY, "--tensorboard"])
     assert_one_line_error(code, err, "--tensorboard", "pip install tensorboard")
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# paths of the wrong kind, read-only and full disks: one line, and nothing written before is lost
+
+
+def test_shards_that_are_a_file_or_a_run_are_named_as_such(finished_run, tmp_path, capsys):
+    a_file = tmp_path / "cache.h5"
+    a_file.write_bytes(b"x")
+    code, err = run_cli(capsys, ["--shards", str(a_file), "--out", str(tmp_path / "r"), *TINY])
+    assert_one_line_error(code, err, str(a_file), "is a file, not a cache directory")
+    code, err = run_cli(capsys, ["--shards", str(finished_run), "--out", str(tmp_path / "r"), *TINY])
+    assert_one_line_error(code, err, str(finished_run), "training run", "not a cache")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_that_is_a_cache_or_someone_elses_folder_is_refused(cache, tmp_path, capsys):
+    before = snapshot(cache)
+    code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(cache), *TINY])
+    assert_one_line_error(code, err, "activation cache", "not a run directory")
+    assert snapshot(cache) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"architectures": []}')  # a name the trainer writes: it would be replaced
+    for resume in ([], ["--resume"]):
+        code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(mine), *TINY, *resume])
+        assert_one_line_error(code, err, *(["holds no run to resume"] if resume else ["not empty", "holds no run", "config.json"]))
+    assert (mine / "config.json").read_text() == '{"architectures": []}'
+
+
+def test_read_only_out_is_one_line(cache, tmp_path, capsys, monkeypatch):
+    """Root writes through chmod 0o555, so a read-only parent folder is simulated at os.mkdir."""
+    import errno
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir_read_only(path, *args, **kwargs):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+    code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(locked / "run"), *TINY])
+    assert_one_line_error(code, err, "cannot write to", str(locked / "run"), "permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint(cache, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mlsae_train import checkpoint
+
+    run = tmp_path / "run"
+    real_save = checkpoint.save_safetensors
+    saves = []
+
+    def save_until_disk_full(path, tensors, metadata):
+        saves.append(path)
+        if len(saves) > 2:  # the weights and the checkpoint of step 2 are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.parent / f".{path.name}.x1y2z3.tmp"))
+        real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_until_disk_full)
+    code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(run), *TINY, "--save-every-tokens", "32"])
+    assert_one_line_error(code, err, "disk full while writing", str(run / "sae.safetensors"), "--resume")
+    assert code == 28
+    kept = snapshot(run)
+    assert checkpoint.read_progress(run / "checkpoint.safetensors")["step"] == 2
+    monkeypatch.setattr(checkpoint, "save_safetensors", real_save)
+    assert main(["--shards", str(cache), "--out", str(run), *TINY, "--save-every-tokens", "32", "--resume"]) == 0
+    assert kept["config.json"] == snapshot(run)["config.json"]
+    assert checkpoint.read_progress(run / "checkpoint.safetensors")["step"] == 4
+
+
+def test_resume_drops_the_torn_writes_of_a_killed_run(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--shards", str(cache), "--out", str(run), *TINY]) == 0
+    torn = [run / ".metrics.jsonl.j3jml4h6.tmp", run / ".checkpoint.safetensors.a1b2c3d4.tmp"]  # what kill -9 leaves
+    for path in torn:
+        path.write_bytes(b"torn")
+    (run / ".my-notes.tmp").write_text("mine")  # not a name the trainer writes
+    assert main(["--shards", str(cache), "--out", str(run), *TINY, "--resume"]) == 0
+    assert not any(path.exists() for path in torn)
+    assert (run / ".my-notes.tmp").read_text() == "mine"

@@ -60,21 +60,81 @@ def test_prefetcher_yields_each_step_in_order(two_caches):
         got = list(batches)
     assert [step for step, _ in got] == [2, 3, 4]
     for step, x in got:
-        assert x.dtype == torch.float32 and x.shape == (16, 3, 4)
+        assert x.dtype == torch.float32 and x.shape == (16, 3, 4)  # float32 caches: stored as float32
         np.testing.assert_array_equal(x.numpy(), expected[order.global_batch(step)])
 
 
-def test_prefetcher_names_the_token_with_nan(tmp_path):
+def stored_as(data, dtype):
+    """What a float32 array reads back as after storage in ``dtype`` (torch's rounding)."""
+    return torch.from_numpy(data).to(getattr(torch, dtype)).float().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_prefetcher_yields_the_storage_dtype_that_converts_to_the_float32_read(tmp_path, dtype, workers, monkeypatch):
+    import mlsae_cache.parallel_read as pr
+
+    monkeypatch.setattr(pr, "CHUNK_BYTES", 5 * 3 * 4 * 2)  # 5-row chunks: several per thread, across shard edges
+    data = acts(100, seed=3) * 50
+    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], dtype=dtype, shard_tokens=16)
+    dataset = ActivationDataset([tmp_path / "c"])
+    order = BatchOrder(dataset.n_tokens, 40, seed=1)
+    assert dataset.storage_dtype == dtype
+    with Prefetcher(dataset, order, range(4), rank=1, world_size=2, workers=workers) as batches:
+        got = list(batches)
+    assert [step for step, _ in got] == [0, 1, 2, 3]
+    for step, x in got:
+        assert x.dtype == getattr(torch, dtype) and x.shape == (20, 3, 4)
+        indices = order.local_batch(step, 1, 2)  # rank 1's half of the sorted global batch
+        assert np.array_equal(indices, order.global_batch(step)[20:])
+        np.testing.assert_array_equal(x.float().numpy(), dataset.read(indices))  # bit for bit the float32 read
+        np.testing.assert_array_equal(x.float().numpy(), stored_as(data, dtype)[indices])
+
+
+def test_caches_of_different_dtypes_are_read_as_float32(tmp_path):
+    a, b = acts(40, seed=4), acts(30, seed=5)
+    write_array_cache(tmp_path / "a", a, layers=[0, 1, 2], dtype="float16", shard_tokens=16)
+    write_array_cache(tmp_path / "b", b, layers=[0, 1, 2], dtype="bfloat16", shard_tokens=16)
+    dataset = ActivationDataset([tmp_path / "a", tmp_path / "b"], layers=[2, 0])
+    expected = np.concatenate([stored_as(a, "float16"), stored_as(b, "bfloat16")])[:, [2, 0]]
+    assert dataset.storage_dtype == "float32"
+    idx = np.array([3, 39, 40, 69, 5])  # unsorted, across both caches
+    np.testing.assert_array_equal(dataset.read(idx, out_dtype="storage"), expected[idx])
+    order = BatchOrder(dataset.n_tokens, 35, seed=0)
+    with Prefetcher(dataset, order, range(2), workers=2) as batches:
+        for step, x in batches:
+            assert x.dtype == torch.float32
+            np.testing.assert_array_equal(x.numpy(), expected[order.global_batch(step)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_prefetcher_names_the_token_with_nan(tmp_path, dtype, bad):
     data = acts(40)
-    data[23, 1, 2] = np.nan
-    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], shard_tokens=16)
+    data[23, 1, 2] = bad
+    data[31, 0, 0] = bad  # a later token of the same batch: the first one is named
+    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], dtype=dtype, shard_tokens=16)
     dataset = ActivationDataset([tmp_path / "c"])
     order = BatchOrder(40, 40, seed=0)
-    with pytest.raises(MlsaeError) as info, Prefetcher(dataset, order, range(1)) as batches:
+    with pytest.raises(MlsaeError) as info, Prefetcher(dataset, order, range(1), workers=2) as batches:
         list(batches)
     message = str(info.value)
     assert "token 23" in message and "shard-000001" in message and "row 7" in message and "layer 1" in message
     assert "\n" not in message
+
+
+def test_a_data_error_surfaces_at_the_step_it_belongs_to(tmp_path):
+    data = acts(40)
+    data[5, 0, 1] = np.inf
+    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], dtype="float16", shard_tokens=16)
+    dataset = ActivationDataset([tmp_path / "c"])
+    order = BatchOrder(40, 10, seed=0)
+    bad_step = next(s for s in range(4) if 5 in order.global_batch(s))
+    seen = []
+    with pytest.raises(MlsaeError, match="token 5 "), Prefetcher(dataset, order, range(4), workers=2) as batches:
+        for step, _ in batches:
+            seen.append(step)
+    assert seen == list(range(bad_step))  # every earlier batch was trained on, none after
 
 
 @pytest.mark.parametrize(
@@ -114,3 +174,38 @@ def test_b_pre_starts_at_the_geometric_median_of_the_first_standardized_batch(tw
     z, _, _ = standardize(first)
     torch.testing.assert_close(sae.b_pre.detach(), geometric_median(z))
     assert not torch.allclose(sae.b_pre.detach(), geometric_median(first), atol=1e-2)  # not on raw inputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pinned_batches_convert_on_the_gpu_to_the_float32_read(tmp_path, dtype):
+    data = acts(100, seed=6) * 50
+    write_array_cache(tmp_path / "c", data, layers=[0, 1, 2], dtype=dtype, shard_tokens=16)
+    dataset = ActivationDataset([tmp_path / "c"])
+    order = BatchOrder(dataset.n_tokens, 40, seed=2)
+    with Prefetcher(dataset, order, range(5), pin_memory=True, workers=2) as batches:
+        for step, x in batches:
+            assert x.is_pinned() and x.dtype == getattr(torch, dtype)
+            on_gpu = x.to("cuda", non_blocking=True).float()  # as the trainer does
+            np.testing.assert_array_equal(on_gpu.cpu().numpy(), dataset.read(order.global_batch(step)))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_training_on_a_16_bit_cache_equals_training_on_its_float32_values(tmp_path, dtype):
+    """The trainer converts the stored batches on its device: the same weights, bit for bit, as a float32
+    cache holding the same (already rounded) values, read and converted on the host."""
+    from safetensors.torch import load_file
+
+    from mlsae_train import TrainConfig, train
+
+    data = stored_as(acts(192, seed=7) * 3, dtype)  # values a 16-bit cache holds exactly
+    write_array_cache(tmp_path / "c16", data, layers=[0, 1, 2], dtype=dtype, shard_tokens=64)
+    write_array_cache(tmp_path / "c32", data, layers=[0, 1, 2], dtype="float32", shard_tokens=64)
+    weights = {}
+    for name in ("c16", "c32"):
+        train(TrainConfig(shards=[str(tmp_path / name)], out=str(tmp_path / f"run-{name}"), expansion_factor=4, k=2,
+                          batch_tokens=32, dead_tokens=64, seed=1, progress=False, lr=3e-3))  # fmt: skip
+        weights[name] = load_file(str(tmp_path / f"run-{name}" / "checkpoint.safetensors"))
+    assert weights["c16"].keys() == weights["c32"].keys()
+    for key, value in weights["c32"].items():
+        assert torch.equal(weights["c16"][key], value), key

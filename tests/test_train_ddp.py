@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mlsae_cache import write_array_cache
@@ -16,6 +17,7 @@ from mlsae_train.checkpoint import read_progress
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.standard_normal((6, 16))

@@ -171,8 +171,11 @@ def test_rows_the_screen_cannot_decide_match_the_float32_kernel():
     reference = topk_encode(x, torch.zeros(d), W, k)
     for row in (1, 2):  # decided by the float32 kernel: same values as it gives
         torch.testing.assert_close(values[row].sort().values, reference.values[row].sort().values)
-    assert torch.isnan(values[3]).any() or not torch.isfinite(values[3]).all()
-    assert not torch.isfinite(values[4]).all()
+    # a non-finite input row stays visibly non-finite, exactly as the float32 kernel leaves it
+    assert torch.isnan(values[3]).all()
+    assert torch.isinf(values[4]).all()
+    for row in (3, 4):
+        torch.testing.assert_close(values[row], reference.values[row], rtol=0, atol=0, equal_nan=True)
     finite = [0, 5]
     assert_exact_topk(x[finite], W, k, values[finite], indices[finite])
 
@@ -227,6 +230,15 @@ def test_training_through_the_screen_has_the_float32_kernels_auxk_and_gradients(
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_matmul_is_fast_answers_for_each_device():
-    assert isinstance(bf16_matmul_is_fast("cpu"), bool)
+@pytest.mark.parametrize("amx, avx512_bf16", [(False, False), (True, False), (False, True), (True, True)])
+def test_bf16_matmul_is_fast_on_a_cpu_exactly_when_it_has_amx_or_avx512_bf16(amx, avx512_bf16, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert bf16_matmul_is_fast("cpu") is (amx or avx512_bf16)
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_bf16_matmul_is_fast_on_a_gpu_exactly_when_it_supports_bfloat16(supported, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: supported)
+    assert bf16_matmul_is_fast("cuda") is supported
     assert bf16_matmul_is_fast("meta") is False

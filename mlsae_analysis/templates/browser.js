@@ -212,7 +212,10 @@
     var searchStarted = performance.now();
     state.ids = search(searchBox.value, sortBox.value);
     state.page = 0;
-    if (searchBox.value.trim() && state.ids.length) { select(state.ids[0]); } else { renderList(); }
+    var query = searchBox.value.trim();
+    if (query && state.ids.length) { select(state.ids[0]); }
+    else if (/^\d+$/.test(query)) { showUnknown(query); }
+    else { renderList(); }
     document.body.setAttribute("data-search-ms", Math.round(performance.now() - searchStarted));
   }
 
@@ -258,7 +261,7 @@
       var tokens = ctxTokens.subarray(ctxTokenStart[c], ctxTokenStart[c + 1]);
       var at = ctxOffset[c];
       rows.push(el("div", { "class": "context", "data-layer": layers[ctxLayer[c]], "data-activation": ctxActivation[c].toFixed(3) }, [
-        el("span", { "class": "badge", title: "layer of this activation" }, ["L" + layers[ctxLayer[c]]]),
+        el("span", { "class": "badge", title: "layer of this activation" }, ["layer " + layers[ctxLayer[c]]]),
         el("span", { "class": "act", title: "activation" }, [fmt(ctxActivation[c], 2)]),
         el("span", { "class": "left" }, [el("span", {}, [tokenText(tokens.subarray(0, at))])]),
         el("mark", {}, [tokenText(tokens.subarray(at, at + 1))]),
@@ -288,8 +291,18 @@
     return el("ol", { "class": "neighbours" }, items);
   }
 
+  // An id that names no latent (from #latent=, a search or a link): say so instead of doing nothing.
+  function showUnknown(text) {
+    state.selected = -1;
+    renderList();
+    detail.textContent = "";
+    detail.setAttribute("data-latent", "");
+    detail.appendChild(el("p", { "class": "note unknown-latent" }, ["There is no latent " + text +
+      " in this report: latent ids run from 0 to " + (nLatents - 1) + "."]));
+  }
+
   function select(latent) {
-    if (!(latent >= 0 && latent < nLatents)) { return; }
+    if (!(Number.isInteger(latent) && latent >= 0 && latent < nLatents)) { showUnknown(String(latent)); return; }
     state.selected = latent;
     var index = state.ids.indexOf(latent);
     if (index >= 0) { state.page = Math.floor(index / PAGE_SIZE); }
@@ -304,7 +317,7 @@
     detail.appendChild(el("p", { "class": "detail-stats" }, [stats]));
     detail.appendChild(el("h4", {}, ["Distribution over layers, P(L | J = " + latent + ")"]));
     detail.appendChild(layerChart(latent));
-    detail.appendChild(el("h4", {}, ["Top contexts (active token marked; badge = layer)"]));
+    detail.appendChild(el("h4", {}, ["Top contexts (active token marked; badge: the layer it fired at)"]));
     detail.appendChild(contextsList(latent));
     detail.appendChild(el("h4", {}, ["Nearest decoder neighbours (cosine similarity of decoder rows)"]));
     detail.appendChild(neighboursList(latent));
@@ -334,7 +347,8 @@
       searchBox.value = hash.slice("search=".length);
       searchBox.dispatchEvent(new Event("input"));  // exactly what typing does
     } else if (hash.indexOf("latent=") === 0) {
-      select(Number(hash.slice("latent=".length)));
+      var id = hash.slice("latent=".length).trim();
+      if (/^\d+$/.test(id)) { select(Number(id)); } else { showUnknown("\u201c" + id + "\u201d"); }
     }
   }
   window.addEventListener("hashchange", followHash);
