@@ -38,3 +38,24 @@ def smollm2_dir() -> Path:
 def shakespeare_dir() -> Path:
     """A folder of Shakespeare's plays and poems, one UTF-8 ``.txt`` file per work."""
     return assets.ensure_shakespeare()
+
+
+@pytest.fixture
+def read_only_below(monkeypatch):
+    """``read_only_below(folder)``: creating a folder at or below ``folder`` fails with EACCES from then on.
+
+    Tests run as root, which writes through chmod 0o555, so a read-only folder is simulated at os.mkdir."""
+    import errno
+    import os
+
+    real_mkdir = os.mkdir
+
+    def lock(folder: Path) -> None:
+        def mkdir_read_only(path, *args, **kwargs):
+            if str(path).startswith(str(folder)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+
+    return lock

@@ -102,19 +102,8 @@ def test_disk_full_names_the_file_under_out(inputs, tmp_path, capsys, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_read_only_parent_of_out(inputs, tmp_path, capsys, monkeypatch):
-    """Root writes through chmod 0o555, so a read-only folder is simulated at os.mkdir."""
-    import errno
-    import os
-
-    real_mkdir = os.mkdir
-
-    def mkdir_read_only(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path)):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+def test_read_only_parent_of_out(inputs, tmp_path, capsys, read_only_below):
+    read_only_below(tmp_path)
     out = tmp_path / "out"
     assert _analyse(inputs, out) == 2
     line = assert_one_line_error(capsys.readouterr().err, "cannot write to", str(out), "permission denied", "writable --out")

@@ -332,20 +332,10 @@ def test_out_that_is_a_file_is_refused(model_dir, text_dir, tmp_path, capsys):
     assert out.read_text() == "keep me"
 
 
-def test_read_only_out_is_one_line(model_dir, text_dir, tmp_path, capsys, monkeypatch):
-    """Tests run as root, which writes through chmod 0o555; a read-only folder is simulated at os.mkdir."""
-    import os
-
+def test_read_only_out_is_one_line(model_dir, text_dir, tmp_path, capsys, read_only_below):
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_mkdir = os.mkdir
-
-    def mkdir_read_only(path, *args, **kwargs):
-        if str(path).startswith(str(locked)):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+    read_only_below(locked)
     assert run_cache(model_dir, text_dir, locked / "cache") == 2
     assert_one_line_error(capsys.readouterr().err, "cannot write to", str(locked / "cache"), "permission denied", "writable --out")
     assert list(locked.iterdir()) == []

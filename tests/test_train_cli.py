@@ -187,21 +187,10 @@ def test_out_that_is_a_cache_or_someone_elses_folder_is_refused(cache, tmp_path,
     assert (mine / "config.json").read_text() == '{"architectures": []}'
 
 
-def test_read_only_out_is_one_line(cache, tmp_path, capsys, monkeypatch):
-    """Root writes through chmod 0o555, so a read-only parent folder is simulated at os.mkdir."""
-    import errno
-    import os
-
+def test_read_only_out_is_one_line(cache, tmp_path, capsys, read_only_below):
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_mkdir = os.mkdir
-
-    def mkdir_read_only(path, *args, **kwargs):
-        if str(path).startswith(str(locked)):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", mkdir_read_only)
+    read_only_below(locked)
     code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(locked / "run"), *TINY])
     assert_one_line_error(code, err, "cannot write to", str(locked / "run"), "permission denied")
     assert list(locked.iterdir()) == []
