@@ -29,12 +29,22 @@ CHUNK_BYTES = 4 << 20
 MAX_DEFAULT_WORKERS = 8
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def io_threads(limit: int = 4) -> int:
+    """Threads for file work whose hashing and writes release the GIL (shard writing, verifying): one per
+    usable core, at most ``limit``."""
+    return max(1, min(limit, usable_cores()))
+
+
 def default_workers() -> int:
     """Reader threads for one process: the cores it may use, shared with the other processes of its node
     (torchrun's ``LOCAL_WORLD_SIZE``), at most ``MAX_DEFAULT_WORKERS``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_processes))
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // local_processes))
 
 
 def host_tensor(shape: tuple[int, ...], dtype: str, pin_memory: bool = False) -> tuple[torch.Tensor, np.ndarray]:

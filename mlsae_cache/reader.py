@@ -10,7 +10,6 @@ at once: numpy's copies out of the memory maps release the GIL.
 
 from __future__ import annotations
 
-import os
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +20,7 @@ import polars as pl
 
 from . import shard_format as sf
 from .errors import CacheError
+from .parallel_read import io_threads
 
 OutDtype = Literal["float32", "storage"]
 
@@ -243,7 +243,7 @@ def verify_shards(root: Path, manifest: dict[str, Any], progress: bool = False) 
             return True
 
     shards = manifest["shards"]
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads()) as pool:
         verdicts = pool.map(is_damaged, shards)  # in order
         if progress:
             from tqdm import tqdm

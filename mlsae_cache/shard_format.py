@@ -208,11 +208,12 @@ def damaged_metadata(root: Path, manifest: dict[str, Any]) -> list[str]:
 
 def file_checksum(path: Path, algorithm: str) -> str:
     """Hex digest of a file's bytes (BLAKE3 hashes a large file on every core)."""
-    if algorithm == "blake3" and Path(path).stat().st_size > 0:  # an empty file cannot be memory-mapped
-        return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(str(path)).hexdigest()
     if algorithm == "sha256":
         return file_sha256(path)
-    return new_hasher(algorithm).hexdigest()
+    hasher = new_hasher(algorithm)
+    if Path(path).stat().st_size > 0:  # an empty file cannot be memory-mapped
+        hasher.update_mmap(str(path))
+    return hasher.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ def _stats_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _widened_float32(chunk: torch.Tensor) -> np.ndarray:
-    """A CPU chunk [m, L, d] of 16-bit values widened (exactly) to float32, in this thread's reused buffer."""
+    """A CPU chunk [m, L, d] of storage values widened (exactly) to float32, in this thread's reused buffer."""
     size = chunk.numel()
     buffer = getattr(_workspaces, "float32", None)
     if buffer is None or buffer.numel() < size:
@@ -354,14 +355,11 @@ def _numpy_chunk_sums(chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.n
 def _numpy_chunk_sums_float64(chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 (sum [L, d], sum of squared norms [L], sum of norms [L]) of a CPU chunk [m, L, d], in float64 throughout."""
     size = chunk.numel()
-    buffers = getattr(_workspaces, "buffers", None)
-    if buffers is None or buffers[0].numel() < size:
-        buffers = _workspaces.buffers = (torch.empty(size, dtype=torch.float32), np.empty(size))
-    flat_in, x32 = chunk.reshape(-1), buffers[0][:size]
-    for start in range(0, size, SERIAL_ELEMENTS):  # exact: every storage dtype widens to float32
-        x32[start : start + SERIAL_ELEMENTS].copy_(flat_in[start : start + SERIAL_ELEMENTS])
-    x = buffers[1][:size].reshape(chunk.shape)  # [m, L, d] float64
-    x[...] = x32.numpy().reshape(chunk.shape)
+    buffer = getattr(_workspaces, "float64", None)
+    if buffer is None or buffer.size < size:
+        buffer = _workspaces.float64 = np.empty(size)
+    x = buffer[:size].reshape(chunk.shape)  # [m, L, d] float64
+    x[...] = _widened_float32(chunk)  # exact: every storage dtype widens to float32
     sq_norm = np.einsum("nld,nld->nl", x, x)  # [m, L]
     return x.sum(axis=0), sq_norm.sum(axis=0), np.sqrt(sq_norm).sum(axis=0)
 

@@ -7,7 +7,6 @@ caches for tests and benchmarks).
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import threading
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import shard_format as sf
 from .errors import CacheError
+from .parallel_read import io_threads
 
 # config keys that must match for a directory to be resumed rather than refused
 IDENTITY_KEYS = (
@@ -132,11 +132,6 @@ def _remove_cache_files(root: Path) -> None:
             child.unlink()
 
 
-def writer_threads() -> int:
-    """Shard-writing threads: one per core, at most 4 (a shard's write, fsync and checksum release the GIL)."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 class CacheWriter:
     """Writes the shards of one cache directory in a small pool of threads; one instance per process (rank).
 
@@ -155,7 +150,7 @@ class CacheWriter:
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._work, name=f"mlsae-shard-writer-{i}", daemon=True) for i in range(threads or writer_threads())
+            threading.Thread(target=self._work, name=f"mlsae-shard-writer-{i}", daemon=True) for i in range(threads or io_threads())
         ]
         for thread in self._threads:
             thread.start()
