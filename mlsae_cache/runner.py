@@ -311,6 +311,9 @@ def _write_shards(
                 content.sidecar_extra = {tf.SIDECAR_KEY: tf.sidecar_entry(shard_counts, thresholds)}
             writer.submit(shard_index, content, stats, done=functools.partial(buffers.give_back, stager.host))
         writer.close()
+    except BaseException:
+        writer.abort()  # a shard still being written must land (or not) before the caller cleans up
+        raise
     finally:
         bar.close()
         stream.close()

@@ -149,6 +149,8 @@ class CacheWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
+        self._stopping = False  # set by abort(): the threads drop what is still queued
+        self._stopped = False  # the threads were told to stop (one sentinel each, sent once)
         self._threads = [
             threading.Thread(target=self._work, name=f"mlsae-shard-writer-{i}", daemon=True) for i in range(threads or io_threads())
         ]
@@ -183,11 +185,22 @@ class CacheWriter:
 
     def close(self) -> None:
         """Wait until every shard handed over is on disk; re-raise the first error of a writing thread."""
-        for _ in self._threads:
-            self._queue.put(None)
+        self._stop_threads()
+        self._raise_pending()
+
+    def abort(self) -> None:
+        """After a failure: finish the shards being written now, drop those still queued, and return only
+        once no thread writes any more, so that the caller's clean-up never races a late rename."""
+        self._stopping = True
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            for _ in self._threads:
+                self._queue.put(None)
         for thread in self._threads:
             thread.join()
-        self._raise_pending()
 
     def _raise_pending(self) -> None:
         with self._error_lock:
@@ -202,7 +215,7 @@ class CacheWriter:
                 return
             index, content, stats, done = item
             try:
-                if self._error is None:  # after an error, drain: the first is reported, nothing more is written
+                if self._error is None and not self._stopping:  # after an error, drain: the first is reported, nothing more is written
                     self._write(index, content, stats)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 with self._error_lock:

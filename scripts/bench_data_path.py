@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per training batch")
     parser.add_argument("--steps", type=int, default=40, help="training batches the reader reads (its start-up included)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cores", default=None, help="core counts to measure at, e.g. 1,2 (default: 1, 2 and all usable CPUs)")
+    parser.add_argument("--cores", default=None, help="core counts to measure at, e.g. 1,2 (default: 1, 2, 4 and all usable CPUs)")
     parser.add_argument("--cold", action="store_true", help="drop the shard files' pages before each read (both sides)")
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -231,7 +231,7 @@ def main() -> None:
         args.sequences, args.batch, args.shard_sequences, args.seq_len = 4, 1, 2, 512
         args.batch_tokens, args.steps, args.repeats = 512, 4, 1
     args.shard_sequences = max(args.batch, args.shard_sequences - args.shard_sequences % args.batch)
-    wanted = args.cores.split(",") if args.cores else [1, 2, len(usable_cpus())]
+    wanted = args.cores.split(",") if args.cores else [1, 2, 4, len(usable_cpus())]  # 4: the cache writer's threads at most
     cores = sorted({max(1, min(int(c), len(usable_cpus()))) for c in wanted})
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-path-", dir=args.dir))

@@ -7,6 +7,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from models import assert_one_line_error, build_tiny_model, write_english
 
 from mlsae_cache import open_cache
 from mlsae_cache import shard_format as sf
+from mlsae_cache import writer as writer_module
 from mlsae_cache.cli import main as cache_main
 from mlsae_cache.lm import ResidualReader, load_model, load_tokenizer
 
@@ -366,3 +369,33 @@ def test_a_rerun_drops_only_its_own_temporary_files(model_dir, text_dir, tmp_pat
     assert (out / ".notes.tmp").read_text() == "mine"
     (out / ".notes.tmp").unlink()
     assert files_digest(out) == before
+
+
+def test_a_failed_run_returns_only_once_no_shard_is_being_written(model_dir, text_dir, tmp_path, capsys, monkeypatch):
+    """Shard 1 fails at once while shard 0 is still being written: the command's clean-up (which removes
+    config.json when no shard landed) must not run before shard 0 has landed, or a rerun finds shards
+    without a config (seen once in CI, with the writer's threads racing the clean-up)."""
+    out = tmp_path / "cache"
+    real_write = sf._write_hdf5
+    shard_0_landed = threading.Event()
+
+    def slow_first_shard_then_disk_full(path, content, dtype):
+        if "shard-000000" in path.name:  # the temporary name of shard 0
+            time.sleep(0.5)  # long after shard 1's error has reached the main thread
+            real_write(path, content, dtype)
+            shard_0_landed.set()
+            return
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sf, "_write_hdf5", slow_first_shard_then_disk_full)
+    monkeypatch.setattr(writer_module, "io_threads", lambda: 2)
+    assert run_cache(model_dir, text_dir, out, "--shard-mb", "0.02") != 0  # 4 shards: shard 2 is handed over after shard 1 failed
+    assert_one_line_error(capsys.readouterr().err, "no space left")
+    assert shard_0_landed.is_set()  # the command waited for the write in flight
+    assert not [t for t in threading.enumerate() if t.name.startswith("mlsae-shard-writer")]
+    # shard 0 is whole, so the claim (config.json) stays and the same command finishes the cache
+    assert (out / sf.CONFIG).exists() and (out / sf.SHARD_DIR / sf.shard_name(0, "hdf5")).exists()
+    monkeypatch.setattr(sf, "_write_hdf5", real_write)
+    assert run_cache(model_dir, text_dir, out, "--shard-mb", "0.02") == 0
+    finished = open_cache(out)
+    assert finished.verify() == [] and finished.n_tokens > 0

@@ -129,3 +129,28 @@ def test_the_ddp_check_compares_torchrun_with_one_process(tmp_path, monkeypatch)
     criteria, figures = gpu_check.ddp_against_one_process(ctx, "cpu", 2)
     assert figures["processes"] == 2 and figures["backend"] == "gloo" and figures["steps"] == 8
     assert all(c.passed for c in criteria), criteria
+
+
+def test_the_sparse_decode_check_compares_the_gradients_of_each_run(tmp_path, monkeypatch):
+    """A device whose gradients alone are wrong fails the check: each run takes its own leaves (the CPU
+    run once handed its .grad to the device run, so both compared equal whatever they held)."""
+    import mlsae_train.sparse_decode as sparse_decode_module
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    real = sparse_decode_module.sparse_decode
+    calls = []
+
+    def second_run_doubles_the_values_gradient(values, indices, W_dec, project_grad=False):
+        calls.append(1)
+        if len(calls) == 2:  # the "device" run: the same output, twice the gradient for the values
+            values = 2 * values - values.detach()
+        return real(values, indices, W_dec, project_grad)
+
+    monkeypatch.setattr(sparse_decode_module, "sparse_decode", second_run_doubles_the_values_gradient)
+    ctx = gpu_check.Context(torch.device("cpu"), gpu_check.SMALL, True, tmp_path, gpu_check.Budget(300.0))
+    criteria, _ = gpu_check.check_sparse_decode(ctx)
+    passed = {c.what.split(":")[0]: c.passed for c in criteria}
+    assert passed == {"output": True, "grad values": False, "grad W_dec (projected)": True}, criteria
