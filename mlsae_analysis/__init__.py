@@ -1,4 +1,4 @@
-"""Stage 3: analyse trained MLSAEs (metrics, MMCS, residual statistics, distributions over layers)."""
+"""Stage 3: analyse trained dictionaries of every family (metrics, MMCS, residual statistics, how latents spread over layers)."""
 
 from .layer_distributions import latent_layer_table, layer_distributions, layer_statistics, variance_ratios
 from .mmcs import mmcs

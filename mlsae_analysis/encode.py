@@ -1,9 +1,10 @@
-"""One pass over the test cache: encode every token with the SAE and write its sparse latents.
+"""One pass over the test cache: encode every token with the dictionary and write its sparse latents.
 
 The latents go to ``latents/part-NNNNN.parquet`` (columns token, layer, latent, activation; only
-active rows, in ascending order of token, then layer, then latent) with ``latents/tokens.parquet``
-beside them (token, sequence, position, token_id). Each batch's inputs and reconstructions are also handed to
-the consumers (reconstruction metrics, residual statistics), so the cache is read once.
+active rows, in ascending order of token, then layer, then latent; per family as families.py says: a
+crosscoder's rows have no layer) with ``latents/tokens.parquet`` beside them (token, sequence, position,
+token_id); layout.py names them. Each batch's inputs and reconstructions are also handed to the
+consumers (reconstruction metrics, residual statistics), so the cache is read once.
 """
 
 from __future__ import annotations
@@ -22,35 +23,17 @@ from mlsae_cache.integrity import recorded_files, verify_files
 from mlsae_cache.shard_format import first_non_finite
 from mlsae_cache.parallel_read import HostBuffers, RowReader, default_workers
 
+from . import layout
+from .families import family_of
 from .files import write_parquet
 from .inputs import RunAndCache
 
-LATENTS_DIR = "latents"
-TOKENS_FILE = "tokens.parquet"
-PART_GLOB = "part-*.parquet"
-
 
 class BatchConsumer(Protocol):
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None: ...
+    """What the encode pass hands every batch to (reconstruction metrics, residual statistics, outliers)."""
 
-
-def sparse_rows(token_start: int, values: torch.Tensor, indices: torch.Tensor) -> pl.DataFrame:
-    """The active latents of a batch as rows. values, indices: [B, nL, k] for tokens token_start.."""
-    batch, n_layers, k = values.shape
-    indices, order = indices.sort(dim=2)  # latents ascending within each (token, layer), whichever kernel picked them
-    values = values.gather(2, order)
-    values_np = values.reshape(-1).cpu().numpy()  # [B * nL * k]
-    keep = values_np > 0
-    token = np.repeat(np.arange(token_start, token_start + batch, dtype=np.int64), n_layers * k)
-    layer = np.tile(np.repeat(np.arange(n_layers, dtype=np.int16), k), batch)
-    return pl.DataFrame(
-        {
-            "token": token[keep],
-            "layer": layer[keep],
-            "latent": indices.reshape(-1).cpu().numpy().astype(np.int32)[keep],
-            "activation": values_np.astype(np.float32)[keep],
-        }
-    )
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """x, x_hat [B, L, d]; values, indices: the family's codes (families.py), [B, L, k] or per token [B, k]."""
 
 
 @torch.no_grad()
@@ -58,7 +41,7 @@ def encode_cache(
     data: RunAndCache,
     out: Path,
     n_tokens: int,
-    consumers: list,
+    consumers: list[BatchConsumer],
     batch_tokens: int = 4096,
     device: str = "cpu",
     progress: bool = True,
@@ -75,9 +58,11 @@ def encode_cache(
     batch (both release the GIL for their I/O and conversions), so the pass runs at the speed of the
     encoder. Batches cross to the device in the cache's storage dtype and become float32 there.
     """
-    latents_dir = Path(out) / LATENTS_DIR
+    out = Path(out)
+    latents_dir = out / layout.LATENTS_DIR
     latents_dir.mkdir(parents=True, exist_ok=True)
     sae = data.sae.to(device)
+    family = family_of(sae)
     cache = data.cache
     columns = data.layer_columns
     all_columns = columns == list(range(cache.n_layers))
@@ -106,7 +91,7 @@ def encode_cache(
         return x
 
     def write(part: int, start: int, values: torch.Tensor, indices: torch.Tensor) -> None:
-        write_parquet(sparse_rows(start, values, indices), latents_dir / f"part-{part:05d}.parquet")
+        write_parquet(family.sparse_rows(start, values, indices, sae.n_latents), out / layout.latent_part(part))
 
     starts = list(range(0, n_tokens, batch_tokens))
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="encode", disable=not progress)
@@ -119,10 +104,8 @@ def encode_cache(
                 next_acts = reader.submit(read, starts[part + 1])
             x = acts.to(device, non_blocking=True).float()  # [B, nL, d] float32 made on the device
             recon = sae.reconstruct(x, screen=screen)
-            shape = x.shape[:2]
             x_hat = recon.x_hat.view(x.shape)  # [B, nL, d]
-            values = recon.values.view(*shape, -1)  # [B, nL, k]
-            indices = recon.indices.view(*shape, -1)  # [B, nL, k]
+            values, indices = family.codes(recon, *x.shape[:2])  # [B, nL, k] each, or per token [B, k]
             for consumer in consumers:
                 consumer.update(x, x_hat, values, indices)
             if written is not None:
@@ -132,20 +115,20 @@ def encode_cache(
         if written is not None:
             written.result()
     tokens = cache.token_table().head(n_tokens).with_row_index("token").with_columns(pl.col("token").cast(pl.Int64))
-    write_parquet(tokens, latents_dir / TOKENS_FILE)
+    write_parquet(tokens, out / layout.TOKENS)
     return latents_dir
 
 
 def scan_latents(latents_dir: Path) -> pl.LazyFrame:
     """The stored sparse latents, lazily, in token order (parts are named in token order)."""
-    return pl.scan_parquet(str(Path(latents_dir) / PART_GLOB))
+    return pl.scan_parquet(str(Path(latents_dir) / layout.LATENT_PART_GLOB))
 
 
-def scan_verified_latents(analysis_dir: Path, fix: str = "analyse the run again with mlsae-analyse") -> pl.LazyFrame:
+def scan_verified_latents(analysis_dir: Path, fix: str = layout.FIX) -> pl.LazyFrame:
     """The latents of a finished analysis (as :func:`scan_latents`), every part and the token table first
     checked against the directory's checksums.json: the entry point for readers of finished analyses."""
     analysis_dir = Path(analysis_dir)
     recorded = recorded_files(analysis_dir)
-    names = None if recorded is None else [name for name in recorded if name.startswith(f"{LATENTS_DIR}/")]
+    names = None if recorded is None else [name for name in recorded if name.startswith(f"{layout.LATENTS_DIR}/")]
     verify_files(analysis_dir, names, fix)  # a part listed but missing is named too
-    return scan_latents(analysis_dir / LATENTS_DIR)
+    return scan_latents(analysis_dir / layout.LATENTS_DIR)

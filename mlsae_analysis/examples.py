@@ -1,4 +1,5 @@
-"""Top activating examples per latent: the (token, layer) pairs with the largest activations, with context.
+"""Top activating examples per latent: the (token, layer) pairs with the largest activations, with context
+(a crosscoder's: tokens, their layer null).
 
 Both inputs are streamed: the latents one batch of rows at a time against a running per-latent
 threshold (the n-th best activation so far), the token table filtered down to the rows near an
@@ -16,6 +17,14 @@ _ROW_COLUMNS = ("token", "layer", "latent", "activation")
 _RANK_ORDER = (["latent", "activation", "token", "layer"], [False, True, False, False])
 
 
+def with_layer_column(latents: pl.LazyFrame) -> pl.LazyFrame:
+    """The latents with their layer column; a crosscoder's rows have none (its latents fire per token,
+    families.py), so theirs is null: an example of a crosscoder latent is a token, not a (token, layer) pair."""
+    if "layer" in latents.collect_schema().names():
+        return latents
+    return latents.with_columns(layer=pl.lit(None, dtype=pl.Int16))
+
+
 def _best_per_latent(rows: pl.DataFrame, n_examples: int) -> pl.DataFrame:
     """The ``n_examples`` highest-ranked rows of each latent, sorted by latent then rank."""
     by, descending = _RANK_ORDER
@@ -30,7 +39,7 @@ def top_activations(latents: pl.LazyFrame, n_examples: int, batch_rows: int = DE
     A row enters only if it beats its latent's current n-th best, so after the first batches almost
     every row is rejected by one vectorised comparison; only the latents that gained a row are re-ranked.
     """
-    rows = latents.select(_ROW_COLUMNS).filter(pl.col("activation") > 0)
+    rows = with_layer_column(latents).select(_ROW_COLUMNS).filter(pl.col("activation") > 0)
     best = rows.head(0).collect()  # [E, 4] the current top rows, all latents
     threshold = np.zeros(0)  # [n_latents seen] activation to beat: the n-th best, -inf while fewer are known
     for batch in rows.collect_batches(chunk_size=batch_rows, maintain_order=True):

@@ -11,8 +11,11 @@ neighbours (neighbours.parquet, see neighbours.py). Big numeric arrays travel as
 little-endian typed arrays ({"dtype", "b64"}), tokens as indices into a table of the distinct token
 strings used, so that 131,072 latents stay in the tens of megabytes.
 
-Rebuild a report by hand: ``python -m mlsae_analysis.html_report ANALYSIS_DIR [--run RUN_DIR]``, or
-for a cross-run report directory ``python -m mlsae_analysis.html_report REPORT_DIR --runs DIR...``.
+The page only reads the files the analysis wrote (layout.py names them): it loads no SAE and
+recomputes nothing; token texts come from token_texts.parquet (analyses written before it existed:
+from the tokenizer named in summary.json). Rebuild a report by hand:
+``python -m mlsae_analysis.html_report ANALYSIS_DIR``, or for a cross-run report directory
+``python -m mlsae_analysis.html_report REPORT_DIR --runs DIR...``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,12 +40,10 @@ from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, co
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.integrity import record_files, verified
 
+from . import layout
 from .layer_distributions import layer_prob_columns
-from .neighbours import NEIGHBOURS_FILE, write_run_neighbours
+from .token_texts import TokenStrings, stored_strings, tokenizer_strings
 
-REPORT_FILE = "report.html"
-# what to do about a damaged file of an analysis (or report) directory
-ANALYSIS_FIX = "analyse the run again with mlsae-analyse (or restore the file)"
 MAX_CONTEXTS = 5
 CONTEXT_RADIUS = 6
 MAX_TABLE_ROWS = 200  # rows rendered per table; the CSV beside the report has them all
@@ -51,35 +51,47 @@ MAX_LATENT_TABLE_ROWS = 30  # per-latent tables (e.g. single_prompt.csv): the st
 # Figures are saved at 200 dpi (plots.PNG_DPI); 0.6 CSS px per pixel shows them a little larger than on paper.
 FIGURE_SCALE = 0.6
 
-TokenStrings = Callable[[Sequence[int]], list[str]]
-
 # What each known file shows; unknown CSVs and PNGs are shown too, titled by file name.
 TABLE_TITLES = {
-    "table1.csv": "Table 1: mean metrics per model at the reference R and k",
-    "table2.csv": "Table 2: mean max cosine similarity of decoder rows per model",
-    "tables.csv": "Mean metrics, MMCS and variance ratios, every run",
-    "metrics.csv": "Reconstruction and downstream metrics per layer (Table 1)",
-    "mmcs.csv": "Mean max cosine similarity of decoder rows (Table 2)",
-    "variance_ratios.csv": "Variance ratios of the layer distributions (eqs. 11, 12)",
-    "residual.csv": "Residual stream: cosine similarity of adjacent layers and mean norm",
-    "single_prompt.csv": "Latents active on the single prompt (strongest first)",
-    "per_layer.csv": "Metrics per layer, every run",
+    layout.REPORT_TABLE1: "Table 1: mean metrics per model at the reference R and k",
+    layout.REPORT_TABLE2: "Table 2: mean max cosine similarity of decoder rows per model",
+    layout.REPORT_RUNS: "Mean metrics, MMCS and variance ratios, every run",
+    layout.METRICS: "Reconstruction and downstream metrics per layer (Table 1)",
+    layout.MMCS: "Mean max cosine similarity of decoder rows (Table 2)",
+    layout.VARIANCE_RATIOS: "Variance ratios of the layer distributions (eqs. 11, 12)",
+    layout.RESIDUAL: "Residual stream: cosine similarity of adjacent layers and mean norm",
+    layout.SINGLE_PROMPT: "Latents active on the single prompt (strongest first)",
+    layout.SPLICE_ALL_LAYERS: "Delta CE and KL with every layer spliced at once (crosscoder; with every position kept "
+                              "this equals splicing the last layer alone)",
+    layout.REPORT_PER_LAYER: "Metrics per layer, every run",
 }
 FIGURE_TITLES = {
-    "heatmap": "P(L | J) per latent, latents sorted by E[L] (fig. 2)",
-    "single_prompt": "Latents active on the single prompt (fig. 3)",
-    "metrics": "Metrics per layer (figs. 9-11)",
-    "per_layer": "Metrics against relative layer, every run (figs. 9-11)",
-    "heatmaps": "P(L | J) per latent for every run, latents sorted by E[L] (figs. 2, 7)",
-    "variance_ratios_vs_expansion_factor": "Variance ratios against the expansion factor R (fig. 5)",
-    "variance_ratios_vs_k": "Variance ratios against k (fig. 5)",
-    "mmcs_vs_expansion_factor": "MMCS against the expansion factor R, with and without the tuned lens (fig. 13)",
-    "mmcs_vs_k": "MMCS against k, with and without the tuned lens (fig. 13)",
-    "residual_cos_next": "Cosine similarity of adjacent residual layers (fig. 1)",
-    "residual_norm": "Mean residual norm per layer (fig. 4)",
-    "variance_ratios": "Variance ratios, with and without the tuned lens (figs. 5, 6)",
+    layout.HEATMAP_FIGURE: "Each latent's spread over layers (MLSAE: P(L | J), fig. 2), latents sorted by E[L]",
+    layout.WEIGHTED_HEATMAP_FIGURE: "Crosscoder: activation-weighted share per layer, active latents sorted by E[L]",
+    layout.SINGLE_PROMPT_FIGURE: "Latents active on the single prompt (fig. 3)",
+    layout.METRICS_FIGURE: "Metrics per layer (figs. 9-11)",
+    layout.REPORT_PER_LAYER_FIGURE: "Metrics against relative layer, every run (figs. 9-11)",
+    layout.REPORT_HEATMAPS_FIGURE: "P(L | J) per latent for every run, latents sorted by E[L] (figs. 2, 7)",
+    layout.variance_ratios_vs_figure("expansion_factor"): "Variance ratios against the expansion factor R (fig. 5)",
+    layout.variance_ratios_vs_figure("k"): "Variance ratios against k (fig. 5)",
+    layout.mmcs_vs_figure("expansion_factor"): "MMCS against the expansion factor R, with and without the tuned lens (fig. 13)",
+    layout.mmcs_vs_figure("k"): "MMCS against k, with and without the tuned lens (fig. 13)",
+    layout.RESIDUAL_COS_NEXT_FIGURE: "Cosine similarity of adjacent residual layers (fig. 1)",
+    layout.RESIDUAL_NORM_FIGURE: "Mean residual norm per layer (fig. 4)",
+    layout.VARIANCE_RATIOS_FIGURE: "Variance ratios, with and without the tuned lens (figs. 5, 6)",
 }
 
+
+# What the latent browser's bar chart (p_layer_* of latent_layers.parquet) shows for each family, and the
+# sections each family's page has: every family has the summary, the latent browser, metrics.csv, mmcs.csv,
+# residual.csv and their figures; the MLSAE adds variance_ratios.csv and the single prompt (figs 3, 5), the
+# crosscoder splice_all_layers.csv and the activation-weighted heatmap.
+LAYER_LABELS = {
+    "mlsae": "Distribution over layers, P(L | J = {latent})",
+    "per-layer": "Layer of the SAE that latent {latent} belongs to (id = layer position x n + j)",
+    "crosscoder": "Decoder-norm share per layer, s_j(l) = ||W_dec[j, l]||^2 of latent j = {latent} "
+                  "(it fires per token, for every layer)",
+}
 
 # ----------------------------------------------------------------------------- embedded data
 
@@ -131,8 +143,7 @@ def _neighbour_arrays(neighbours: pl.DataFrame, n_latents: int) -> tuple[np.ndar
     k = int(neighbours["rank"].max()) + 1 if neighbours.height else 0  # type: ignore[arg-type]
     if k == 0 or neighbours.height != n_latents * k or int(neighbours["latent"].max()) != n_latents - 1:  # type: ignore[arg-type]
         raise MlsaeError(
-            f"{NEIGHBOURS_FILE} does not cover the {n_latents} latents of this analysis; "
-            "rebuild it by passing the run directory (--run RUN_DIR)"
+            f"{layout.NEIGHBOURS} does not cover the {n_latents} latents of this analysis; {layout.FIX}"
         )
     ordered = neighbours.sort("latent", "rank")
     return ordered["neighbour"].to_numpy().reshape(n_latents, k), ordered["cosine"].to_numpy().reshape(n_latents, k)
@@ -147,15 +158,16 @@ def latent_browser_data(
 ) -> dict:
     """The JSON object the latent browser reads (see the module docstring). Arrays run over all latents."""
     analysis_dir = Path(analysis_dir)
-    summary = read_summary(analysis_dir)
-    n_latents, layers = int(summary["n_latents"]), [int(layer) for layer in summary["layers"]]
-    table = pl.read_parquet(verified(analysis_dir / "latent_layers.parquet", ANALYSIS_FIX))
+    summary = layout.read_summary(analysis_dir)
+    layers = [int(layer) for layer in summary["layers"]]
+    n_latents = int(summary.get("latents_total") or summary["n_latents"])  # the per-layer suite's ids run over L*n
+    table = layout.read_table(analysis_dir, layout.LATENT_LAYERS)
     ids = table["latent"].to_numpy()
     p_layer = table.select(layer_prob_columns(table)).to_numpy()  # [active latents, nL]
     if p_layer.shape[1] != len(layers):
-        raise MlsaeError(f"latent_layers.parquet has {p_layer.shape[1]} layers but summary.json lists {len(layers)}; re-run the analysis")
+        raise MlsaeError(f"{layout.LATENT_LAYERS} has {p_layer.shape[1]} layers but {layout.SUMMARY} lists {len(layers)}; re-run the analysis")
 
-    contexts = trimmed_contexts(pl.read_parquet(verified(analysis_dir / "examples.parquet", ANALYSIS_FIX)), max_contexts, context_radius)
+    contexts = trimmed_contexts(layout.read_table(analysis_dir, layout.EXAMPLES), max_contexts, context_radius)
     lengths = contexts["context_ids"].list.len().to_numpy()  # [C]
     flat_ids = contexts["context_ids"].explode().drop_nulls().to_numpy()  # [sum of lengths]
     vocab_ids, token_index = np.unique(flat_ids, return_inverse=True)
@@ -181,42 +193,17 @@ def latent_browser_data(
         "ctx_length": _packed(lengths, _uint_dtype(2 * context_radius + 1)),  # [C]
         "ctx_tokens": _packed(token_index, _uint_dtype(len(vocab_ids) - 1)),  # [sum of lengths] into vocab
         "ctx_offset": _packed(contexts["context_offset"].to_numpy(), _uint_dtype(2 * context_radius)),  # [C] active token
-        "ctx_layer": _packed(contexts["layer"].to_numpy(), _uint_dtype(len(layers) - 1)),  # [C] layer-axis position
         "ctx_activation": _packed(contexts["activation"].to_numpy(), "float32"),  # [C]
         "k_neighbours": 0,
+        # what p_layer is for this family, and whether a context fired at one layer (not a crosscoder's: per token)
+        "layer_label": LAYER_LABELS.get(str(summary.get("arch") or "mlsae"), LAYER_LABELS["mlsae"]),
     }
+    if contexts["layer"].null_count() == 0:  # [C] layer-axis position of each context's activation
+        data["ctx_layer"] = _packed(contexts["layer"].to_numpy(), _uint_dtype(len(layers) - 1))
     if neighbours is not None:
         indices, cosines = _neighbour_arrays(neighbours, n_latents)
         data.update(k_neighbours=indices.shape[1], nb_index=_packed(indices, "uint32"), nb_cosine=_packed(cosines, "float32"))
     return data
-
-
-def read_summary(analysis_dir: Path) -> dict:
-    summary_file = analysis_dir / "summary.json"
-    if not summary_file.exists():
-        raise MlsaeError(f"{analysis_dir} holds no summary.json; give a directory written by mlsae-analyse")
-    try:
-        return json.loads(verified(summary_file, ANALYSIS_FIX).read_text())
-    except ValueError:
-        raise MlsaeError(f"{summary_file} is not valid JSON; {ANALYSIS_FIX}") from None
-
-
-def tokenizer_strings(name: str | None, required: bool = False) -> TokenStrings:
-    """Token id -> text with a tokenizer (directory or hub id).
-
-    Without one (or, unless ``required``, when it cannot be loaded: a warning) ids show as "<id>".
-    """
-    if name:
-        from mlsae_cache.lm import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(str(name))
-            return lambda ids: tokenizer.batch_decode([[i] for i in ids])
-        except MlsaeError as exc:
-            if required:
-                raise
-            warnings.warn(f"contexts are shown as token ids: {exc} (pass --tokenizer DIR)", stacklevel=2)
-    return lambda ids: [f"<{i}>" for i in ids]
 
 
 # ----------------------------------------------------------------------------- HTML pieces
@@ -263,7 +250,7 @@ def tables_section(directory: Path, skip: Sequence[str] = ()) -> str:
     for csv in _ordered(list(directory.glob("*.csv")), list(TABLE_TITLES), lambda p: p.name):
         if csv.name in skip:
             continue
-        df = pl.read_csv(verified(csv, ANALYSIS_FIX))
+        df = pl.read_csv(verified(csv, layout.FIX))
         max_rows = MAX_TABLE_ROWS
         if "latent" in df.columns:  # one row per latent: show the strongest few
             max_rows = MAX_LATENT_TABLE_ROWS
@@ -283,7 +270,7 @@ def figures_section(directory: Path) -> str:
     parts = []
     for png in _ordered(list(directory.glob("*.png")), list(FIGURE_TITLES), lambda p: p.stem):
         title = FIGURE_TITLES.get(png.stem, png.stem)
-        data = verified(png, ANALYSIS_FIX).read_bytes()
+        data = verified(png, layout.FIX).read_bytes()
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         width = round(_png_width(data) * FIGURE_SCALE)
         parts.append(f'<figure class="card" style="width: {width}px"><img src="{uri}" alt="{html.escape(title)}" '
@@ -307,6 +294,7 @@ def _summary_cards(summary: dict) -> str:
     cards = [("FVU", metrics.get("fvu"), "fraction of variance unexplained, mean over layers"),
              ("MSE", metrics.get("mse"), "mean squared error, mean over layers"),
              ("L0 sparsity", metrics.get("l0"), "active latents per token and layer"),
+             ("L0 per token", metrics.get("l0_per_token"), "active latents per token (crosscoder: shared by all layers)"),
              ("ΔCE", metrics.get("delta_ce"), "increase of the LM's loss with one layer spliced, mean over layers"),
              *_dead_cards(metrics), ("MMCS", summary.get("mmcs_mean"), "mean max cosine similarity of decoder rows"),
              ("ratio 11", ratios.get("ratio_11"), "eq. 11"), ("ratio 12", ratios.get("ratio_12"), "eq. 12")]  # fmt: skip
@@ -344,7 +332,7 @@ def _training_fact(training: dict | None) -> str | None:
 
 def _facts(summary: dict) -> str:
     layers = summary.get("layers") or []
-    facts = [("model", summary.get("model")), ("layers", f"{layers[0]}–{layers[-1]} ({len(layers)})" if layers else None),
+    facts = [("family", summary.get("arch")), ("model", summary.get("model")), ("layers", f"{layers[0]}–{layers[-1]} ({len(layers)})" if layers else None),
              ("d_model", summary.get("d_model")), ("latents", summary.get("n_latents")), ("k", summary.get("k")),
              ("tokens analysed", summary.get("n_tokens")), ("trained", _training_fact(summary.get("training"))),
              ("run", summary.get("run")), ("cache", summary.get("cache"))]  # fmt: skip
@@ -354,43 +342,45 @@ def _facts(summary: dict) -> str:
 # ----------------------------------------------------------------------------- writers
 
 
-def _resolve_neighbours(analysis_dir: Path, run_dir: str | Path | None, progress: bool, device: str) -> pl.DataFrame | None:
-    """With a run: (re)compute neighbours.parquet from its decoder. Without: the stored one, if any."""
-    if run_dir is not None:
-        write_run_neighbours(run_dir, analysis_dir, progress=progress, device=device)
-        record_files(analysis_dir, [NEIGHBOURS_FILE], create=False)
-    path = analysis_dir / NEIGHBOURS_FILE
-    return pl.read_parquet(verified(path, ANALYSIS_FIX)) if path.exists() else None
+def _stored_neighbours(analysis_dir: Path) -> pl.DataFrame | None:
+    """The analysis's neighbours.parquet; None for an analysis written before it existed (no neighbours shown)."""
+    if not (analysis_dir / layout.NEIGHBOURS).exists():
+        return None
+    return layout.read_table(analysis_dir, layout.NEIGHBOURS)
+
+
+def _stored_token_strings(analysis_dir: Path, summary: dict) -> TokenStrings:
+    """Token texts from token_texts.parquet; for an analysis written before it existed, from the tokenizer
+    of the model in summary.json (or ids, with a warning, when that cannot be loaded)."""
+    if not (analysis_dir / layout.TOKEN_TEXTS).exists():
+        return tokenizer_strings(summary.get("model"))
+    return stored_strings(layout.read_table(analysis_dir, layout.TOKEN_TEXTS))
 
 
 def write_analysis_html(
     analysis_dir: str | Path,
     out_file: str | Path | None = None,
-    run_dir: str | Path | None = None,
     *,
     token_strings: TokenStrings | None = None,
     max_contexts: int = MAX_CONTEXTS,
     context_radius: int = CONTEXT_RADIUS,
-    progress: bool = True,
-    device: str = "auto",
 ) -> Path:
-    """Write one self-contained HTML report of an analysis directory (default <analysis_dir>/report.html).
+    """Write one self-contained HTML report of an analysis directory (default <analysis_dir>/report.html)
+    from the files the analysis wrote (nothing is recomputed).
 
-    run_dir: the trained run; its decoder gives each latent's nearest neighbours, stored as
-    <analysis_dir>/neighbours.parquet. Without it a stored neighbours.parquet is used, if present.
-    token_strings: token ids -> text; by default the tokenizer of the model in summary.json.
-    device: where the neighbours are computed ("auto": CUDA when available).
+    token_strings: token ids -> text; by default the analysis's token_texts.parquet.
     """
     analysis_dir = Path(analysis_dir)
-    out_file = Path(out_file) if out_file is not None else analysis_dir / REPORT_FILE
-    summary = read_summary(analysis_dir)
+    out_file = Path(out_file) if out_file is not None else analysis_dir / layout.PAGE
+    summary = layout.read_summary(analysis_dir)
     if max_contexts < 1 or context_radius < 0:
         raise MlsaeError(f"max_contexts must be >= 1 and context_radius >= 0, got {max_contexts} and {context_radius}")
-    neighbours = _resolve_neighbours(analysis_dir, run_dir, progress, device)
-    strings = token_strings or tokenizer_strings(summary.get("model"))
-    data = latent_browser_data(analysis_dir, strings, neighbours, max_contexts, context_radius)
+    strings = token_strings or _stored_token_strings(analysis_dir, summary)
+    data = latent_browser_data(analysis_dir, strings, _stored_neighbours(analysis_dir), max_contexts, context_radius)
     model = Path(str(summary.get("model"))).name
-    title = f"MLSAE analysis: {model}, R={summary.get('expansion_factor')}, k={summary.get('k')}"
+    arch = str(summary.get("arch") or "mlsae")
+    family = {"mlsae": "MLSAE", "per-layer": "Per-layer SAEs", "crosscoder": "Crosscoder"}.get(arch, arch)
+    title = f"{family} analysis: {model}, R={summary.get('expansion_factor')}, k={summary.get('k')}"
     body = (
         f'<section id="summary">{_warnings_html(summary)}<div class="stats">{_summary_cards(summary)}</div></section>'
         + _template("browser.html")
@@ -414,26 +404,22 @@ def write_sweep_html(
     report_dir: str | Path,
     run_dirs: Sequence[str | Path],
     out_file: str | Path | None = None,
-    *,
-    progress: bool = True,
 ) -> Path:
     """Write the cross-run report's HTML (default <report_dir>/report.html), linking each run's own report.
 
     run_dirs are the analysis directories the report compares; each one's report.html is written
-    first if absent (with neighbours from the run named in its summary.json, when that still exists).
+    first if absent (from that analysis's files).
     """
     report_dir = Path(report_dir)
-    out_file = Path(out_file) if out_file is not None else report_dir / REPORT_FILE
+    out_file = Path(out_file) if out_file is not None else report_dir / layout.PAGE
     if not report_dir.is_dir():
         raise MlsaeError(f"report directory {report_dir} does not exist; write it with mlsae-analyse report")
     rows = []
     for analysis_dir in map(Path, run_dirs):
-        summary = read_summary(analysis_dir)
-        run_report = analysis_dir / REPORT_FILE
+        summary = layout.read_summary(analysis_dir)
+        run_report = analysis_dir / layout.PAGE
         if not run_report.exists():
-            run = summary.get("run")
-            run = run if run and Path(run).exists() and not (analysis_dir / NEIGHBOURS_FILE).exists() else None
-            write_analysis_html(analysis_dir, run_dir=run, progress=progress)
+            write_analysis_html(analysis_dir)
         href = Path(os.path.relpath(run_report.resolve(), out_file.parent.resolve())).as_posix()
         metrics = summary.get("metrics_mean", {})
         rows.append(
@@ -459,9 +445,6 @@ def write_sweep_html(
 
 @dataclass
 class HtmlReportConfig:
-    run: str | None = None
-    """The trained run (directory or .safetensors) of an analysis: its decoder gives each latent's nearest neighbours."""
-
     runs: list[str] | None = None
     """For a cross-run report directory: the analysis directories it compares (their reports are linked)."""
 
@@ -469,7 +452,7 @@ class HtmlReportConfig:
     """The HTML file to write (default: report.html inside the directory)."""
 
     tokenizer: str | None = None
-    """Tokenizer (directory or hub id) for the contexts (default: the model named in summary.json)."""
+    """Tokenizer (directory or hub id) for the contexts (default: the analysis's token_texts.parquet)."""
 
     max_contexts: int = MAX_CONTEXTS
     """Top contexts embedded per latent."""
@@ -477,15 +460,13 @@ class HtmlReportConfig:
     context_radius: int = CONTEXT_RADIUS
     """Tokens of context kept on each side of the active token."""
 
-    device: str = "auto"
-    """Where decoder neighbours are computed with --run: cpu, cuda, or auto (cuda when available)."""
-
     progress: bool = True
-    """Show progress bars."""
+    """Accepted for older commands; the page only reads files and shows no progress bar."""
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = OneLineErrorParser(prog="python -m mlsae_analysis.html_report", description=__doc__.splitlines()[0])
+    # no abbreviations: --run (an option of old versions, which recomputed neighbours) must not pass for --runs
+    parser = OneLineErrorParser(prog="python -m mlsae_analysis.html_report", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("directory", help="an analysis directory (mlsae-analyse) or a report directory (mlsae-analyse report)")
     add_dataclass_arguments(parser, HtmlReportConfig)
     args = parser.parse_args(argv)
@@ -494,12 +475,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if not directory.is_dir():
         raise MlsaeError(f"{directory} is not a directory; give one written by mlsae-analyse")
     if config.runs:
-        written = write_sweep_html(directory, config.runs, config.out, progress=config.progress)
+        written = write_sweep_html(directory, config.runs, config.out)
     else:
         strings = tokenizer_strings(config.tokenizer, required=True) if config.tokenizer else None
-        written = write_analysis_html(directory, config.out, config.run, token_strings=strings, max_contexts=config.max_contexts,
-                                      context_radius=config.context_radius, progress=config.progress,
-                                      device=config.device)  # fmt: skip
+        written = write_analysis_html(directory, config.out, token_strings=strings, max_contexts=config.max_contexts,
+                                      context_radius=config.context_radius)  # fmt: skip
     print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 

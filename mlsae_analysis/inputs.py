@@ -14,7 +14,7 @@ from mlsae_cache import shard_format as sf
 from mlsae_cache.errors import CacheError, MlsaeError
 from mlsae_cache.integrity import verify_files
 from mlsae_cache.reader import Cache, verify_shards
-from mlsae_train import MultiLayerSAE
+from mlsae_train import Dictionary
 from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress
 
 
@@ -22,7 +22,7 @@ from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_
 class RunAndCache:
     """A trained SAE and the test cache it is evaluated on."""
 
-    sae: MultiLayerSAE
+    sae: Dictionary
     cache: Cache
     layer_columns: list[int]
     """For each layer of the SAE's layer axis, its position in the cache's layer axis."""
@@ -49,7 +49,7 @@ def read_run_info(run: Path) -> dict:
         raise MlsaeError(f"{config_file} is not valid JSON; point --run at an intact run directory") from None
 
 
-def _load_trained_sae(run: Path) -> tuple[MultiLayerSAE, dict | None]:
+def _load_trained_sae(run: Path) -> tuple[Dictionary, dict | None]:
     """load_sae (verified against its checksum) and its training progress; an unfinished run or an
     unreadable file reported as one line."""
     file = run / SAE_FILE if run.is_dir() else run

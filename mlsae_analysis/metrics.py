@@ -6,6 +6,8 @@ Per layer l (sums over every test token t, never averages of batch averages):
   L0   = mean over tokens of the number of active latents (activation > 0; k unless ReLU zeroed some)
   L1   = mean over tokens of the sum of latent activations
   dead = fraction of latents never active at that layer on the test set
+(L0, L1 and dead count the latents of the vector x[t,l]; for a crosscoder, whose k latents belong to the
+token, they are the token's and the same at every layer: see families.py.)
 The denominator of FVU is accumulated batch by batch as a centred sum of squares merged with Chan's
 formula, so that it is exact without a second pass and without the cancellation of
 sum ||x||^2 - n ||mean||^2. The "mean" row averages the per-layer values over layers (its dead_fraction
@@ -66,7 +68,9 @@ class ReconstructionMetrics:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """x, x_hat: [B, nL, d]; values, indices: [B, nL, k] (activations after ReLU and their latents).
+        """x, x_hat: [B, nL, d]; values, indices: [B, nL, k] (activations after ReLU and their latents), or
+        [B, k] for a dictionary with one latent vector per token (the crosscoder), whose k latents then count
+        at every layer: L0 and L1 per token, and a latent active for a token is active at each layer.
 
         Each token's sum over its d components is taken in x's precision (float32: d terms, relative
         error ~1e-7) and every sum over tokens in float64, so that the totals stay exact over millions
@@ -75,6 +79,8 @@ class ReconstructionMetrics:
         batch, n_layers, _ = x.shape
         if batch == 0:
             return
+        if values.ndim == 2:  # per token: the same codes for each of the token's layers
+            values, indices = values[:, None].expand(batch, n_layers, -1), indices[:, None].expand(batch, n_layers, -1)
         scratch = self._scratch.like(x)  # [B, nL, d]
         self.sum_sq_error += _token_sum(torch.sub(x, x_hat, out=scratch).square_().sum(dim=2))  # [nL]
         # A mean off by float32 rounding (~1e-7 relative) changes the centred sum only in second order.

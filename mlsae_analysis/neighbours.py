@@ -1,25 +1,21 @@
 """Nearest decoder neighbours of every latent: the k other latents whose decoder rows are most cosine-similar.
 
 The search itself is ``mmcs.nearest_neighbours`` (chunked: one [chunk_size, n_latents] block at a
-time, never the n x n matrix); this module runs it once over all latents and stores
-the result as a long table, neighbours.parquet, beside the other tables of an analysis:
+time, never the n x n matrix); this module runs it once over all latents, and mlsae-analyse stores
+the result as a long table, neighbours.parquet (layout.NEIGHBOURS), beside the other tables of an analysis:
 
     latent (Int32), rank (Int8, 0 = most similar), neighbour (Int32), cosine (Float32)
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 import torch
 
 from mlsae_cache.errors import MlsaeError
 
-from .files import write_parquet
 from .mmcs import nearest_neighbours
 
-NEIGHBOURS_FILE = "neighbours.parquet"
 DEFAULT_K = 5
 
 
@@ -48,24 +44,3 @@ def decoder_neighbours(
         },
         schema={"latent": pl.Int32, "rank": pl.Int8, "neighbour": pl.Int32, "cosine": pl.Float32},
     )
-
-
-def write_neighbours(
-    W_dec: torch.Tensor, path: str | Path, k: int = DEFAULT_K, chunk_size: int = 4096, progress: bool = True
-) -> Path:
-    """Compute ``decoder_neighbours`` and write it atomically to ``path`` (normally <analysis>/neighbours.parquet)."""
-    return write_parquet(decoder_neighbours(W_dec, k, chunk_size, progress), Path(path))
-
-
-def write_run_neighbours(run_dir: str | Path, analysis_dir: str | Path, k: int = DEFAULT_K, chunk_size: int = 4096,
-                         progress: bool = True, device: str = "auto") -> Path:  # fmt: skip
-    """Load the SAE of a run directory (or .safetensors file) and write <analysis_dir>/neighbours.parquet.
-
-    device: where to compute ("auto": CUDA when available); 131,072 x 1,024 decoder rows take minutes on a CPU.
-    """
-    from mlsae_train import load_sae
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    sae = load_sae(run_dir, device=device)
-    return write_neighbours(sae.W_dec, Path(analysis_dir) / NEIGHBOURS_FILE, k, chunk_size, progress)

@@ -432,3 +432,64 @@ def plot_per_layer_curves(
     if title:
         figure.suptitle(title)
     return save_figure(figure, path_stem)
+
+
+def plot_matching_heatmap(
+    similarity: np.ndarray,
+    expected_layer: np.ndarray,
+    layers: Sequence[int],
+    path_stem: str | os.PathLike[str],
+    title: str | None = None,
+    best_index: np.ndarray | None = None,
+    max_columns: int = MAX_HEATMAP_COLUMNS,
+) -> list[Path]:
+    """Cross-dictionary matching (matching.py): latents on x sorted by E[L | J], layers on y (layer 0 at
+    the top, as the other heatmaps), colour = the latent's max cosine similarity with that layer's decoder
+    rows (linear, 0 to 1). similarity [n, L]; expected_layer [n] on the layer axis 0..L-1 (NaN: not
+    active on the test set, left out: it has no place in the order); layers: the block number of each
+    row. Consecutive latents are averaged into at most ``max_columns`` columns; over them, a line of the
+    mean E[L | J] and (given best_index [n]) dots at the mean best layer, both in layer-axis units.
+    """
+    from matplotlib import patheffects
+
+    similarity = np.asarray(similarity, dtype=np.float64)
+    expected_layer = np.asarray(expected_layer, dtype=np.float64)
+    n_layers = len(layers)
+    if similarity.ndim != 2 or similarity.shape[1] != n_layers or expected_layer.shape != similarity.shape[:1]:
+        raise MlsaeError(
+            f"similarity {similarity.shape} must be [n_latents, {n_layers}] and E[L | J] {expected_layer.shape} [n_latents]"
+        )
+    active = np.flatnonzero(np.isfinite(expected_layer))  # [J] latent ids
+    if active.size == 0:
+        raise MlsaeError("no latent has an E[L | J] (none is active on the test set); there is nothing to order the heatmap by")
+    order = active[np.lexsort((active, expected_layer[active]))]  # [J] ascending E[L | J], ties by latent id
+    image = binned_columns(similarity[order].T, max_columns)  # [L, columns]
+    n_columns = image.shape[1]
+    edges = np.linspace(0, order.size, n_columns + 1).round()  # [columns + 1] the bins of binned_columns
+    centres = (edges[:-1] + edges[1:]) / 2 - 0.5  # [columns]
+
+    figure = Figure(figsize=(7.5, min(max(2.0 + 0.13 * n_layers, 3.0), 5.5)), layout="constrained")
+    axes = figure.subplots()
+    drawn = axes.imshow(image, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
+                        extent=(-0.5, order.size - 0.5, n_layers - 0.5, -0.5))  # fmt: skip
+    outlined = [patheffects.Stroke(linewidth=2.6, foreground="black"), patheffects.Normal()]  # seen on any colour
+    axes.plot(centres, binned_columns(expected_layer[order][None, :], max_columns)[0], color="white", linewidth=1.2,
+              path_effects=outlined, label="E[L | J]")  # fmt: skip
+    if best_index is not None:
+        best = np.asarray(best_index, dtype=np.float64)[order][None, :]  # [1, J]
+        axes.plot(centres, binned_columns(best, max_columns)[0], linestyle="none", marker=".",
+                  markersize=2.5 if n_columns > 100 else 6, color="tab:red", label="best-matching layer")  # fmt: skip
+    step = max(1, math.ceil(n_layers / 12))
+    axes.set_yticks(range(0, n_layers, step), [str(layers[i]) for i in range(0, n_layers, step)])
+    axes.set_ylim(n_layers - 0.5, -0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    binned = f", mean of {order.size / n_columns:.3g} per column" if n_columns < order.size else ""
+    axes.set_xlabel(f"{order.size:,} active latents, sorted by E[L | J]{binned}")
+    axes.set_ylabel("Layer")
+    legend_title = "mean per column of latents" if binned else None
+    figure.legend(loc="outside lower center", ncols=2, fontsize=7, title=legend_title, title_fontsize=7)
+    colorbar = figure.colorbar(drawn, ax=axes, shrink=0.9)
+    colorbar.set_label("max cosine similarity")
+    if title:
+        axes.set_title(title, fontsize=9, loc="left")
+    return save_figure(figure, path_stem)

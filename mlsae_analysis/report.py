@@ -21,8 +21,8 @@ Writes into --out (tables as CSV, figures as PNG + PDF):
 
 from __future__ import annotations
 
-import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +30,11 @@ import polars as pl
 
 from mlsae_cache.clitools import OneLineErrorParser
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.integrity import record_files, verified
+from mlsae_cache.integrity import record_files
 
-from . import plots
+from . import layout, plots
 from .files import write_csv, write_fresh_directory
-from .html_report import ANALYSIS_FIX, write_sweep_html
+from .html_report import write_sweep_html
 
 STANDARD, TUNED_LENS = "standard", "tuned lens"
 SWEPT = ("expansion_factor", "k")
@@ -50,7 +50,6 @@ TABLE1_METRICS = (
     ("kl_per_token", "KL divergence (per token)"),
 )
 PER_LAYER_METRICS = ("fvu", "mse", "l1", "delta_ce")
-HEATMAP_FILE = "latent_layers.parquet"
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([kmb])(?![a-z])", re.IGNORECASE)
 _SCALE = {"k": 1e3, "m": 1e6, "b": 1e9}
 
@@ -65,24 +64,28 @@ def model_size(name: str, n_layers: int, d_model: int) -> float:
     return 12.0 * n_layers * d_model**2
 
 
-def _read_summary(run_dir: Path) -> dict:
-    summary_file = run_dir / "summary.json"
-    if not summary_file.exists():
-        raise MlsaeError(f"{run_dir} holds no summary.json; give directories written by mlsae-analyse")
-    try:
-        return json.loads(verified(summary_file, ANALYSIS_FIX).read_text())
-    except ValueError:
-        raise MlsaeError(f"{summary_file} is not valid JSON; analyse that run again") from None
+def mlsae_analyses(run_dirs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(the MLSAE analyses, the others): the paper's tables are over P(L | J) and the variance ratios,
+    which only the MLSAE has. Analyses written before the families record no arch: MLSAEs."""
+    mlsae, others = [], []
+    for run_dir in map(Path, run_dirs):
+        (mlsae if (layout.read_summary(run_dir).get("arch") or "mlsae") == "mlsae" else others).append(run_dir)
+    return mlsae, others
 
 
 def read_runs(run_dirs: Sequence[Path]) -> pl.DataFrame:
     """One row per analysed run, sorted by variant, model size, R, k: the data of every table."""
     rows = []
     for run_dir in map(Path, run_dirs):
+        summary = layout.read_summary(run_dir)
+        arch = summary.get("arch") or "mlsae"  # analyses written before the families are MLSAEs'
+        if arch != "mlsae":  # its tables are the paper's, over P(L | J) and the variance ratios only the MLSAE has
+            raise MlsaeError(f"{run_dir} is an analysis of a {arch} run; mlsae-analyse report gathers MLSAE analyses "
+                             "(set families side by side with mlsae-analyse compare ANALYSIS... --out DIR)")  # fmt: skip
         try:
-            rows.append(_run_row(run_dir, _read_summary(run_dir)))
+            rows.append(_run_row(run_dir, summary))
         except KeyError as missing:
-            summary_file = run_dir / "summary.json"
+            summary_file = run_dir / layout.SUMMARY
             raise MlsaeError(f"{summary_file} lacks {missing}; analyse that run again with this mlsae-analyse") from None
     runs = pl.DataFrame(rows).sort("variant", "model_size", "model", "expansion_factor", "k", maintain_order=True)
     lens = pl.when(pl.col("variant") == TUNED_LENS).then(pl.lit(" + lens")).otherwise(pl.lit(""))
@@ -185,11 +188,12 @@ def plot_sweeps(runs: pl.DataFrame, reference: tuple[int, int], out: Path) -> li
             continue
         sweep, series = _with_series(sweep, ("model", "variant"))
         against = f"against {SWEEP_NAME[swept]} ({SYMBOL[fixed]} = {fixed_value})"
-        plots.plot_variance_ratios(sweep, out / f"variance_ratios_vs_{swept}", x=swept, series=series, log_x=True,
+        ratios_figure, mmcs_figure = layout.variance_ratios_vs_figure(swept), layout.mmcs_vs_figure(swept)
+        plots.plot_variance_ratios(sweep, out / ratios_figure, x=swept, series=series, log_x=True,
                                    title=f"Variance ratios {against}")  # fmt: skip
-        plots.plot_against(sweep, ["mmcs_mean"], out / f"mmcs_vs_{swept}", x=swept, series=series, log_x=True,
+        plots.plot_against(sweep, ["mmcs_mean"], out / mmcs_figure, x=swept, series=series, log_x=True,
                            title=f"MMCS {against}")  # fmt: skip
-        written += [f"variance_ratios_vs_{swept}", f"mmcs_vs_{swept}"]
+        written += [ratios_figure, mmcs_figure]
     return written
 
 
@@ -198,7 +202,7 @@ def plot_heatmaps(runs: pl.DataFrame, out: Path) -> bool:
 
     Runs whose directory lacks the file are left out; returns whether a figure was written.
     """
-    runs = runs.filter(pl.col("dir").map_elements(lambda d: (Path(d) / HEATMAP_FILE).exists(), return_dtype=pl.Boolean))
+    runs = runs.filter(pl.col("dir").map_elements(lambda d: (Path(d) / layout.LATENT_LAYERS).exists(), return_dtype=pl.Boolean))
     if runs.height == 0:
         return False
     variants = runs["variant"].unique(maintain_order=True).to_list()
@@ -208,7 +212,7 @@ def plot_heatmaps(runs: pl.DataFrame, out: Path) -> bool:
     def cell(row: dict) -> tuple[str, plots.HeatmapImage]:
         """One panel; only its binned image stays in memory, not the run's per-latent table."""
         title = row["run"] if len(variants) == 1 else row["run"].replace(" + lens", "")
-        table = pl.read_parquet(verified(Path(row["dir"]) / HEATMAP_FILE, ANALYSIS_FIX))
+        table = layout.read_table(row["dir"], layout.LATENT_LAYERS)
         return title, plots.HeatmapImage.from_table(table, plots.MAX_HEATMAP_COLUMNS // n_columns)
 
     if len(variants) == 2:  # rows: (model, R, k, dir name when duplicated), columns: variants
@@ -222,7 +226,7 @@ def plot_heatmaps(runs: pl.DataFrame, out: Path) -> bool:
         grid = [cells[start : start + n_columns] for start in range(0, len(cells), n_columns)]
         column_titles = None
     title = "Aggregate heatmaps: P(L = layer | J = latent), latents sorted by expected layer"
-    plots.plot_layer_heatmap_grid(grid, out / "heatmaps", column_titles=column_titles, title=title)
+    plots.plot_layer_heatmap_grid(grid, out / layout.REPORT_HEATMAPS_FIGURE, column_titles=column_titles, title=title)
     return True
 
 
@@ -230,9 +234,9 @@ def _per_layer(runs: pl.DataFrame) -> pl.DataFrame | None:
     """Every run's per-layer metrics.csv rows (runs without one are left out; None when none has one)."""
     frames = []
     for row in runs.iter_rows(named=True):
-        if not (Path(row["dir"]) / "metrics.csv").exists():
+        if not (Path(row["dir"]) / layout.METRICS).exists():
             continue
-        metrics = pl.read_csv(verified(Path(row["dir"]) / "metrics.csv", ANALYSIS_FIX), infer_schema_length=None)
+        metrics = layout.read_table(row["dir"], layout.METRICS, infer_schema_length=None)
         metrics = metrics.filter(pl.col("layer").cast(pl.String) != "mean").with_columns(pl.col("layer").cast(pl.Int64))
         frames.append(metrics.with_row_index("layer_index").with_columns(
             run=pl.lit(row["run"]), n_layers=pl.lit(metrics.height)))  # fmt: skip
@@ -245,16 +249,16 @@ def report(run_dirs: Sequence[Path], out: Path) -> None:
     reference = reference_config(runs)
     at_reference = runs.filter((pl.col("expansion_factor") == reference[0]) & (pl.col("k") == reference[1]))
     out.mkdir(parents=True)
-    write_csv(runs, out / "tables.csv")
-    write_csv(table1(at_reference), out / "table1.csv")
-    write_csv(table2(at_reference), out / "table2.csv")
+    write_csv(runs, out / layout.REPORT_RUNS)
+    write_csv(table1(at_reference), out / layout.REPORT_TABLE1)
+    write_csv(table2(at_reference), out / layout.REPORT_TABLE2)
 
     # fig. 5: the ratios per model at the reference (R, k), standard and tuned lens
     fig5 = at_reference.select("run", "model", "variant", "expansion_factor", "k", "ratio_11", "ratio_12")
-    write_csv(fig5, out / "variance_ratios.csv")
+    write_csv(fig5, out / layout.REPORT_VARIANCE_RATIOS)
     series = "variant" if fig5["variant"].n_unique() > 1 else None
     x = "run" if fig5.select("model", "variant").is_duplicated().any() else "model"
-    plots.plot_variance_ratios(fig5, out / "variance_ratios", x=x, series=series,
+    plots.plot_variance_ratios(fig5, out / layout.REPORT_VARIANCE_RATIOS_FIGURE, x=x, series=series,
                                title=f"Variance ratios per {x} (R = {reference[0]}, k = {reference[1]})")  # fmt: skip
     plot_sweeps(runs, reference, out)
     plot_heatmaps(runs, out)
@@ -262,9 +266,9 @@ def report(run_dirs: Sequence[Path], out: Path) -> None:
     layers = _per_layer(runs)
     if layers is None:
         return
-    write_csv(layers, out / "per_layer.csv")
+    write_csv(layers, out / layout.REPORT_PER_LAYER)
     metrics = [m for m in PER_LAYER_METRICS if m in layers.columns and layers[m].cast(pl.Float64).is_not_nan().any()]
-    plots.plot_per_layer_curves(layers, metrics, out / "per_layer", layer="layer_index", series="run",
+    plots.plot_per_layer_curves(layers, metrics, out / layout.REPORT_PER_LAYER_FIGURE, layer="layer_index", series="run",
                                 relative_layer=True, log_metrics=("mse",))  # fmt: skip
 
 
@@ -273,12 +277,19 @@ def report_main(argv: Sequence[str]) -> int:
     parser.add_argument("runs", nargs="+", help="directories written by mlsae-analyse")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     args = parser.parse_args(argv)
-    runs = [Path(r) for r in args.runs]
+    every_run = [Path(r) for r in args.runs]
+    runs, others = mlsae_analyses(every_run)
+    if others:  # a sweep over families (sweeps/families.toml) reports its MLSAEs and links every run's page
+        print(f"warning: {', '.join(map(str, others))}: not MLSAE analyses, left out of the tables (their pages are "
+              "linked); set the families side by side with mlsae-analyse compare ANALYSIS... --out DIR", file=sys.stderr)
+    if not runs:
+        raise MlsaeError("none of the analyses given is of an MLSAE run; mlsae-analyse report gathers MLSAE analyses "
+                         "(set families side by side with mlsae-analyse compare ANALYSIS... --out DIR)")  # fmt: skip
 
     def fill(partial: Path) -> None:
         report(runs, partial)
         record_files(partial)  # before the page, which reads the tables back (verified) and adds itself
-        write_sweep_html(partial, runs)  # relative links: partial and out are siblings
+        write_sweep_html(partial, every_run)  # relative links: partial and out are siblings
 
     write_fresh_directory(Path(args.out), fill)
     return 0

@@ -124,11 +124,6 @@ ENSURERS: dict[str, Callable[[Path | str | None], Path]] = {
 }
 
 
-def ensure_all(root: Path | str | None = None) -> dict[str, Path]:
-    """Every asset, by name."""
-    return {name: ensure(root) for name, ensure in ENSURERS.items()}
-
-
 def asset_problem(directory: Path, *, rehash: bool = False) -> str | None:
     """Why ``directory`` is not an intact asset (a short phrase), or None when it is.
 

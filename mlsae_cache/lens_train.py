@@ -34,12 +34,12 @@ from tuned_lens.nn.lenses import TunedLens, TunedLensConfig
 from tuned_lens.nn.unembed import Unembed
 
 from .atomic import atomic_write, atomic_write_json
+from .distributed import resolve_device
 from .errors import MlsaeError
 from .integrity import RECORD_FILE, IntegrityError, record_files, with_digest, without_checked_digest
 from .lens import LENS_CONFIG, LENS_PARAMS, canonical_model_name, load_lens_for_model
-from .lens_cli import LensDataOptions, LensEvalConfig, LensTrainConfig
+from .lens_config import LensDataOptions, LensEvalConfig, LensTrainConfig
 from .lm import context_length_of, d_model_of, final_norm_of, load_model, load_tokenizer, n_layers_of, resolve_model_name, unembedding_of
-from .runner import Dist, resolve_device
 from .text import iter_dataset_sequences, special_token_ids
 
 TRAINING_FILE = "training.json"
@@ -129,7 +129,7 @@ class LoadedModel:
 
 def load_frozen_model(options: LensDataOptions) -> tuple[LoadedModel, object]:
     """(the frozen model with what the loss needs, its tokenizer)."""
-    device = resolve_device(options.device, Dist())
+    device = resolve_device(options.device)
     name = resolve_model_name(options.model)
     tokenizer = load_tokenizer(options.tokenizer or name, options.revision)
     model = load_model(name, options.revision, device).requires_grad_(False)

@@ -1,7 +1,9 @@
 """What a run directory holds, and writing and reading it atomically.
 
-    RUN/config.json              the run's settings, the SAE's shape and the identity of its data
-    RUN/sae.safetensors          the weights (W_enc, W_dec, b_pre) + the SAE's config in the metadata
+    RUN/config.json              the run's settings (``config.arch``: the dictionary family), the
+                                 dictionary's shape (``sae``) and the identity of its data
+    RUN/sae.safetensors          the weights (W_enc, W_dec, b_pre) + the dictionary's config (with its
+                                 ``arch``; none in files before the families: an MLSAE) in the metadata
     RUN/checkpoint.safetensors   everything to continue: weights, Adam state, dead-latent counters,
                                  RNG state; step and token counts in the metadata
     RUN/metrics.jsonl            one line per step
@@ -24,7 +26,8 @@ from mlsae_cache.errors import MlsaeError
 from mlsae_cache.integrity import load_safetensors, read_safetensors_metadata, save_safetensors
 
 from .dead_latents import DeadLatentTracker
-from .model import MultiLayerSAE
+from .dictionary import Dictionary
+from .families import build_dictionary
 
 CONFIG_FILE = "config.json"
 SAE_FILE = "sae.safetensors"
@@ -40,8 +43,9 @@ RESUME_FIX = (
 )
 
 
-def save_sae(model: MultiLayerSAE, path: str | Path, progress: dict[str, Any] | None = None) -> None:
-    """Write the weights and the SAE's config (in the safetensors metadata) to ``path``, with a checksum.
+def save_sae(model: Dictionary, path: str | Path, progress: dict[str, Any] | None = None) -> None:
+    """Write the weights and the dictionary's config (family included, in the safetensors metadata) to
+    ``path``, with a checksum.
 
     ``progress`` (the trainer's step, tokens and total_steps at this save) goes in the metadata too, so
     that the weights say how far they were trained.
@@ -59,14 +63,14 @@ def _sae_file(path: Path) -> Path:
     return file
 
 
-def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiLayerSAE, dict[str, Any] | None]:
+def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") -> tuple[Dictionary, dict[str, Any] | None]:
     """:func:`load_sae`, and the training progress recorded with the weights (None when not recorded)."""
     file = _sae_file(Path(path))
     tensors, metadata = load_safetensors(file, SAE_FIX)
     if "mlsae" not in metadata:
         raise MlsaeError(f"{file} was not written by mlsae-train (no SAE config in its metadata)")
     try:
-        model = MultiLayerSAE(**json.loads(metadata["mlsae"]))
+        model = build_dictionary(json.loads(metadata["mlsae"]))  # no "arch" (files before the families): an MLSAE
         for name in WEIGHT_NAMES:
             if tuple(tensors[name].shape) != tuple(getattr(model, name).shape):
                 raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}")
@@ -84,12 +88,15 @@ def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") 
     return model.to(device), progress
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> MultiLayerSAE:
-    """The SAE saved at ``path``: a run directory (its sae.safetensors) or a .safetensors file.
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
+    """The dictionary saved at ``path``: a run directory (its sae.safetensors) or a .safetensors file; a
+    :class:`~.model.MultiLayerSAE`, :class:`~.per_layer.PerLayerSAEs` or :class:`~.crosscoder.Crosscoder`
+    as ``sae.arch`` says.
 
-    ``sae(x)`` reconstructs x [..., d_model] in input space; ``sae.encode(x)`` gives the k active
-    latents ``(values, indices)`` after ReLU; ``sae.W_dec`` is [n_latents, d_model]; ``sae.layers``
-    lists the model blocks it was trained on. The file is checked against its checksum; a damaged
+    ``sae(x)`` reconstructs x [N, L, d_model] (the MLSAE: any [..., d_model]) in input space;
+    ``sae.encode(x)`` gives the active latents ``(values, indices)`` after ReLU; ``sae.W_dec`` is
+    [n_latents, d_model] (per-layer [L, n_latents, d_model], crosscoder [n_latents, L, d_model]);
+    ``sae.layers`` lists the model blocks it was trained on. The file is checked against its checksum; a damaged
     file, or one holding non-finite weights, is refused in one line.
     """
     return load_sae_and_progress(path, device)[0]
@@ -97,7 +104,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> MultiLayer
 
 def save_checkpoint(
     path: str | Path,
-    model: MultiLayerSAE,
+    model: Dictionary,
     optimizer: torch.optim.Optimizer,
     tracker: DeadLatentTracker,
     progress: dict[str, Any],
@@ -119,7 +126,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, model: MultiLayerSAE, optimizer: torch.optim.Optimizer, tracker: DeadLatentTracker
+    path: str | Path, model: Dictionary, optimizer: torch.optim.Optimizer, tracker: DeadLatentTracker
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into the given objects; returns the progress dict."""
     path = Path(path)

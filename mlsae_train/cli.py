@@ -1,4 +1,5 @@
-"""``mlsae-train``: train a multi-layer SAE on cached activations (run under torchrun for several GPUs)."""
+"""``mlsae-train``: train a multi-layer SAE, a per-layer suite or a crosscoder on cached activations (run
+under torchrun for several GPUs)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from .config import TrainConfig
 def _train(argv: Sequence[str] | None) -> int:
     parser = OneLineErrorParser(
         prog="mlsae-train",
-        description="Train a multi-layer TopK sparse autoencoder on activation caches written by mlsae-cache. "
+        description="Train a multi-layer TopK sparse autoencoder (or, with --arch, a TopK SAE per layer or an acausal "
+        "TopK crosscoder) on activation caches written by mlsae-cache. "
         "Writes RUN/sae.safetensors (load it with mlsae_train.load_sae), checkpoints and metrics.jsonl. "
         "For several GPUs: torchrun --nproc-per-node N -m mlsae_train.cli ...",
     )

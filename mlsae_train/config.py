@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Literal
 
 from mlsae_cache.errors import MlsaeError, require_positive
 
+from .families import FAMILIES, ArchName
 from .screened_topk import ScreenChoice
 
 
@@ -19,11 +20,16 @@ class TrainConfig:
     out: str
     """Run directory: config.json, checkpoint.safetensors, sae.safetensors and metrics.jsonl go here."""
 
+    arch: ArchName = "mlsae"
+    """Dictionary family: 'mlsae' one SAE shared by every layer's vectors (the paper), 'per-layer' one SAE per
+    layer trained in the same pass, 'crosscoder' one latent vector per token read from and written to all
+    layers (SPEC 9)."""
+
     expansion_factor: int = 64
-    """R: the SAE has R * d_model latents."""
+    """R: the dictionary has R * d_model latents (the per-layer suite: each layer's SAE)."""
 
     k: int = 32
-    """Active latents per vector (TopK)."""
+    """Active latents per vector (TopK); the crosscoder's per token."""
 
     batch_tokens: int = 131072
     """Tokens per optimizer step (all selected layers of each), over all processes; the paper uses 131072."""
@@ -100,6 +106,8 @@ class TrainConfig:
             raise MlsaeError(f"--lr must be a finite number, got {self.lr}; the paper uses 1e-4")
         if not math.isfinite(self.auxk_alpha):
             raise MlsaeError(f"--auxk-alpha must be a finite number, got {self.auxk_alpha}; the paper uses 1/32")
+        if self.arch not in FAMILIES:
+            raise MlsaeError(f"--arch {self.arch!r} is not a dictionary family; choose one of {', '.join(FAMILIES)}")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise MlsaeError(f"--layers {' '.join(map(str, self.layers))} names a layer twice; name each once")
 
@@ -112,3 +120,12 @@ RESUMABLE_CHANGES = frozenset(
     {"resume", "device", "screen", "micro_batch_tokens", "verify", "progress", "tensorboard", "wandb", "save_every_tokens",
      "shards", "out"}
 )
+
+
+def recorded_setting(saved_config: dict, name: str):
+    """A run's recorded setting; one the run does not record was added to mlsae-train after the run was
+    started, which then trained as its default does (e.g. ``arch``: runs before the families are MLSAEs)."""
+    if name in saved_config:
+        return saved_config[name]
+    default = {field.name: field.default for field in fields(TrainConfig)}.get(name, MISSING)
+    return None if default is MISSING else default

@@ -4,19 +4,24 @@ last ``dead_tokens`` training TOKENS (SPEC section 3; the reference code counts 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
 class DeadLatentTracker:
     """Counts, for every latent, the training tokens seen since it was last active."""
 
-    def __init__(self, n_latents: int, dead_tokens: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n_latents: int | Sequence[int], dead_tokens: int, device: torch.device | str = "cpu") -> None:
+        """``n_latents``: the number of latents, or the tracker's shape (a family's ``dead_shape``: [L, n] for
+        the per-layer suite, one counter per latent of each layer's SAE)."""
         self.dead_tokens = dead_tokens
-        self.tokens_since_active = torch.zeros(n_latents, dtype=torch.int64, device=device)  # [n]
+        shape = (n_latents,) if isinstance(n_latents, int) else tuple(n_latents)
+        self.tokens_since_active = torch.zeros(shape, dtype=torch.int64, device=device)  # [n] or [L, n]
 
     def dead_latents(self) -> torch.Tensor:
-        """Indices of the dead latents, int64 [n_dead] (empty while all are alive)."""
-        return torch.nonzero(self.tokens_since_active >= self.dead_tokens).flatten()
+        """Indices of the dead latents into the flattened counters, int64 [n_dead], ascending (empty while all are alive)."""
+        return torch.nonzero(self.tokens_since_active.flatten() >= self.dead_tokens).flatten()
 
     def dead_fraction(self) -> float:
         return (self.tokens_since_active >= self.dead_tokens).float().mean().item()
@@ -24,9 +29,9 @@ class DeadLatentTracker:
     @torch.no_grad()
     def update(self, active: torch.Tensor, n_tokens: int) -> None:
         """After a batch of ``n_tokens`` tokens in which the latents flagged in ``active`` ([n] bool,
-        already combined over processes) fired at least once."""
+        already combined over processes; [L, n] for an [L, n] tracker) fired at least once."""
         self.tokens_since_active += n_tokens
-        self.tokens_since_active.masked_fill_(active, 0)
+        self.tokens_since_active.masked_fill_(active.view(self.tokens_since_active.shape), 0)
 
     @staticmethod
     def active_mask(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:

@@ -53,23 +53,32 @@ def fvu_per_layer(x: torch.Tensor, x_hat: torch.Tensor, total_variance: torch.Te
 
 class ResidualMoments:
     """Running sums over micro-batches that give AuxK's denominator ``||e - mean(e)||^2`` over the
-    global batch: ``sum_i ||e_i||^2 - ||sum_i e_i||^2 / N``, in float64. The batch is every
-    (token, layer) vector: the same vectors the SAE encodes."""
+    global batch: ``sum_i ||e_i||^2 - ||sum_i e_i||^2 / N``, in float64, for each of ``groups`` groups
+    of error vectors normalised apart (the per-layer suite's layers). The batch is every (token, layer)
+    vector of a group: the same vectors its SAE reconstructs."""
 
-    def __init__(self, d: int, device: torch.device | str) -> None:
-        self.count = torch.zeros(1, dtype=torch.float64, device=device)
-        self.total = torch.zeros(d, dtype=torch.float64, device=device)  # [d]
-        self.squares = torch.zeros(1, dtype=torch.float64, device=device)
+    def __init__(self, d: int, device: torch.device | str, groups: int | None = None) -> None:
+        """``groups``: None for one group whose errors come as [N, d] (its variance a scalar), G for errors
+        [M, G, d] (variances [G])."""
+        self.grouped = groups is not None
+        groups = groups or 1
+        self.count = torch.zeros(groups, dtype=torch.float64, device=device)  # [G]
+        self.total = torch.zeros(groups, d, dtype=torch.float64, device=device)  # [G, d]
+        self.squares = torch.zeros(groups, dtype=torch.float64, device=device)  # [G]
 
     @torch.no_grad()
     def add(self, error: torch.Tensor) -> None:
-        """error: [N, d], the detached residuals of one micro-batch."""
-        self.count += error.shape[0]
-        self.total += error.sum(dim=0, dtype=torch.float64)
-        self.squares += (error * error).sum(dtype=torch.float64)
+        """error: the detached residuals of one micro-batch, [N, d] (one group) or [M, G, d]."""
+        grouped = error if self.grouped else error.unsqueeze(1)  # [M, G, d]
+        self.count += grouped.shape[0]
+        self.total += grouped.sum(dim=0, dtype=torch.float64)
+        for group, part in enumerate(grouped.unbind(1)):  # [M, d] each: the sum of squares as for one group
+            self.squares[group] += (part * part).sum(dtype=torch.float64)
 
     def total_variance(self, sum_: SumFn = _identity) -> torch.Tensor:
-        """The global-batch ``||e - mean(e)||^2`` (float64 scalar), summed over processes."""
-        stats = sum_(torch.cat([self.count, self.squares, self.total]))
-        count, squares, total = stats[0], stats[1], stats[2:]
-        return squares - total.dot(total) / count
+        """The global-batch ``||e - mean(e)||^2`` (float64: a scalar, or [G] when grouped), summed over processes."""
+        groups = self.count.numel()
+        stats = sum_(torch.cat([self.count, self.squares, self.total.flatten()]))
+        count, squares, total = stats[:groups], stats[groups : 2 * groups], stats[2 * groups :].view(groups, -1)
+        variance = torch.stack([squares[g] - total[g].dot(total[g]) / count[g] for g in range(groups)])  # [G]
+        return variance if self.grouped else variance[0]

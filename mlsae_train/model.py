@@ -14,65 +14,24 @@ latent's direction in the residual stream.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
-from torch import nn
 
+from .dictionary import STANDARDIZE_EPS, AuxKResiduals, Dictionary, Reconstruction, aux_k_for, standardize, unit_directions
+from .geometric_median import geometric_median
 from .sparse_decode import sparse_decode
 from .topk_encoder import topk_encode
 
-STANDARDIZE_EPS = 1e-5
+__all__ = ["STANDARDIZE_EPS", "MultiLayerSAE", "Reconstruction", "aux_k_for", "standardize"]
 
 
-def aux_k_for(d_model: int, n_latents: int) -> int:
-    """k_aux: the power of two nearest to d/2 (256 for d = 512 or 576), at most the number of latents."""
-    return min(n_latents, 2 ** max(0, round(math.log2(d_model / 2))))
-
-
-def standardize(x: torch.Tensor, eps: float = STANDARDIZE_EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z, mean, scale)`` with ``z = (x - mean) / scale``, scale = std + eps, over the last dim.
-
-    std is the sample standard deviation (divisor d - 1), as torch.std and the reference code.
-    x: [..., d] -> z [..., d], mean [..., 1], scale [..., 1].
-    """
-    mean = x.mean(dim=-1, keepdim=True)
-    centred = x - mean
-    # the two-pass sample std from the centred vectors we need anyway: 3x faster than x.std on CPU
-    scale = torch.linalg.vector_norm(centred, dim=-1, keepdim=True) / math.sqrt(x.shape[-1] - 1) + eps
-    return centred / scale, mean, scale
-
-
-class Reconstruction(NamedTuple):
-    """Everything a training step needs from one forward pass, flattened to rows: N = prod(x.shape[:-1])."""
-
-    z: torch.Tensor
-    """[N, d] standardized inputs."""
-    mean: torch.Tensor
-    """[N, 1] per-vector means."""
-    scale: torch.Tensor
-    """[N, 1] per-vector std + eps."""
-    z_hat: torch.Tensor
-    """[N, d] reconstruction in standardized space."""
-    x_hat: torch.Tensor
-    """[N, d] reconstruction in input space."""
-    values: torch.Tensor
-    """[N, k] latent activations after ReLU."""
-    indices: torch.Tensor
-    """[N, k] their latent indices."""
-    aux_values: torch.Tensor
-    """[N, k_aux] ReLU of the k_aux largest dead pre-activations ([N, 0] when no dead latents were given)."""
-    aux_indices: torch.Tensor
-    """[N, k_aux] their latent indices."""
-
-
-class MultiLayerSAE(nn.Module):
+class MultiLayerSAE(Dictionary):
     """One TopK SAE shared by the residual stream vectors of all layers.
 
     ``sae(x)`` reconstructs x [..., d] in input space; ``sae.encode(x)`` gives the k active latents
     ``(values, indices)`` after ReLU, each [..., k].
     """
+
+    arch = "mlsae"
 
     def __init__(
         self,
@@ -83,25 +42,19 @@ class MultiLayerSAE(nn.Module):
         eps: float = STANDARDIZE_EPS,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        if not 0 < k <= n_latents:
-            raise ValueError(f"k must be in 1..n_latents={n_latents}, got {k}")
-        self.d_model = d_model
-        self.n_latents = n_latents
-        self.k = k
-        self.k_aux = aux_k_for(d_model, n_latents)
-        # the model's block indices the SAE was trained on, in the order of the input's layer axis
-        self.layers = list(layers) if layers is not None else []
-        self.eps = eps
-        directions = torch.randn(n_latents, d_model, generator=generator)
-        directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(directions.clone())  # [n, d]
-        self.W_dec = nn.Parameter(directions)  # [n, d], unit-norm rows
-        self.b_pre = nn.Parameter(torch.zeros(d_model))  # [d], set to a geometric median before training
+        super().__init__(d_model, n_latents, k, layers, eps)
+        directions = unit_directions(n_latents, d_model, generator)
+        self.W_enc = torch.nn.Parameter(directions.clone())  # [n, d]
+        self.W_dec = torch.nn.Parameter(directions)  # [n, d], unit-norm rows
+        self.b_pre = torch.nn.Parameter(torch.zeros(d_model))  # [d], set to a geometric median before training
 
-    def config(self) -> dict:
-        """The constructor arguments, for saving next to the weights."""
-        return {"d_model": self.d_model, "n_latents": self.n_latents, "k": self.k, "layers": self.layers, "eps": self.eps}
+    @property
+    def k_aux(self) -> int:
+        return aux_k_for(self.d_model, self.n_latents)
+
+    @property
+    def dead_shape(self) -> tuple[int, ...]:
+        return (self.n_latents,)
 
     def reconstruct(
         self,
@@ -112,14 +65,7 @@ class MultiLayerSAE(nn.Module):
         project_decoder_grad: bool = False,
         screen: bool = False,
     ) -> Reconstruction:
-        """Encode and decode x [..., d]; with ``dead_latents`` also pick the top k_aux among them (AuxK).
-
-        ``project_decoder_grad``: W_dec's gradient comes back without each row's component along the
-        row (SPEC 3's projection before every step; the rows must have unit norm).
-        ``screen``: pick the top-k (and AuxK's top-k_aux) with the exact bfloat16 screen of
-        :mod:`.screened_topk` instead of the float32 kernel: the same latents, faster where bfloat16
-        matmuls are fast; gradients as with the float32 kernel.
-        """
+        """Encode and decode x [..., d] (every vector on its own); see :meth:`Dictionary.reconstruct`."""
         rows = x.reshape(-1, self.d_model)  # [N, d]
         z, mean, scale = standardize(rows, self.eps)
         codes = topk_encode(
@@ -151,3 +97,18 @@ class MultiLayerSAE(nn.Module):
     def normalize_decoder_(self) -> None:
         """Scale every decoder row to unit norm (after each optimizer step)."""
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True))
+
+    @torch.no_grad()
+    def init_b_pre_(self, first_batch: torch.Tensor) -> None:
+        """b_pre = the geometric median of every standardised (token, layer) vector of first_batch [N, L, d]."""
+        z, _, _ = standardize(first_batch.reshape(-1, self.d_model), self.eps)
+        self.b_pre.copy_(geometric_median(z))
+
+    def auxk_residuals(self, out: Reconstruction, dead_latents: torch.Tensor | None) -> AuxKResiduals | None:
+        """One group: every (token, layer) vector of the batch (SPEC 3)."""
+        if out.aux_indices.shape[1] == 0:
+            return None
+        error = (out.z - out.z_hat).detach()  # [N, d], standardized space: the target carries no gradient
+        error_hat = sparse_decode(out.aux_values, out.aux_indices, self.W_dec, project_grad=True)  # [N, d], no bias
+        has_dead = torch.ones(1, dtype=torch.bool, device=error.device)
+        return AuxKResiduals(error.unsqueeze(1), error_hat.unsqueeze(1), has_dead)

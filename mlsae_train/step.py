@@ -1,9 +1,11 @@
-"""One optimizer step of SPEC section 3, on this process's share x [b, L, d] of a global batch:
+"""One optimizer step of SPEC section 3 (and 9), on this process's share x [b, L, d] of a global batch,
+for any dictionary family (dictionary.py: the step sees only that interface):
 
   1. dead latents = not active in the last ``dead_tokens`` tokens (counted before this batch)
   2. per micro-batch: standardize, top-k encode (+ top-k_aux among the dead), sparse decode,
-     unstandardize; backpropagate this micro-batch's share of the loss
-  3. loss = mean over layers of FVU_l + alpha * AuxK, both normalized over the GLOBAL batch
+     unstandardize (``model.reconstruct``); backpropagate this micro-batch's share of the loss
+  3. loss = ``model.fvu_loss`` of the per-layer FVUs (the mean; the per-layer suite's sum) + alpha *
+     AuxK of each of the family's groups, all normalized over the GLOBAL batch
   4. sum gradients over processes (W_dec's arrives without each row's parallel component: the
      sparse decoder projects it, see sparse_decode.py)
   5. Adam step; renormalize decoder rows; mark the latents active in this batch
@@ -22,15 +24,14 @@ import numpy as np
 import torch
 
 from .dead_latents import DeadLatentTracker
+from .dictionary import Dictionary
 from .distributed import Distributed
 from .loss import ResidualMoments, SumFn, fvu_per_layer, total_variance_per_layer
-from .model import MultiLayerSAE
-from .sparse_decode import sparse_decode
 
 ADAM_EPS = 6.25e-10
 
 
-def make_optimizer(model: MultiLayerSAE, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: Dictionary, lr: float) -> torch.optim.Optimizer:
     """Adam, default betas, eps 6.25e-10; the fused kernel (one pass over each matrix) where torch has it."""
     try:
         return torch.optim.Adam(model.parameters(), lr=lr, eps=ADAM_EPS, fused=True)
@@ -42,9 +43,9 @@ class StepTerms(NamedTuple):
     fvu_per_layer: torch.Tensor
     """[L] each layer's FVU over the global batch (before the step)."""
     auxk: float
-    """AuxK over the global batch; exactly 0.0 when no latent is dead."""
+    """AuxK over the global batch (the mean over groups: the per-layer suite's layers); exactly 0.0 when no latent is dead."""
     active: torch.Tensor
-    """[n] bool, the latents active (after ReLU, among the top k) in this process's tokens."""
+    """[*dead_shape] bool, the latents active (after ReLU, among the top k) in this process's tokens."""
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_gradients(
-    model: MultiLayerSAE,
+    model: Dictionary,
     x: torch.Tensor,
     dead_latents: torch.Tensor | None,
     auxk_alpha: float,
@@ -61,48 +62,62 @@ def accumulate_gradients(
     micro_batch_tokens: int | None = None,
     screen: bool = False,
 ) -> StepTerms:
-    """Set each parameter's ``.grad`` to this process's share of the gradient of
-    ``mean_l FVU_l + alpha * AuxK`` over the global batch, going through x [b, L, d] in micro-batches.
-    W_dec's gradient has each row's component along the row removed (SPEC 3).
+    """Set each parameter's ``.grad`` to this process's share of the gradient of the family's loss
+    (``model.fvu_loss`` of the per-layer FVUs + alpha * AuxK of each group) over the global batch, going
+    through x [b, L, d] in micro-batches. W_dec's gradient has each latent's component along its decoder
+    row (or block) removed (SPEC 3).
 
-    ``sum_`` sums a tensor over processes (in place); summed over processes, the gradients are the
-    one-process gradient of the whole global batch. ``screen``: the encoder picks its latents with the
-    exact bfloat16 screen (``topk_encode(..., screen=True)``).
+    ``dead_latents``: indices into the flattened dead tracker (``model.dead_shape``). ``sum_`` sums a
+    tensor over processes (in place); summed over processes, the gradients are the one-process gradient
+    of the whole global batch. ``screen``: the encoder picks its latents with the exact bfloat16 screen
+    (``topk_encode(..., screen=True)``).
     """
     b, n_layers, d = x.shape
-    params = (model.W_enc, model.W_dec, model.b_pre)
+    params = tuple(model.parameters())  # W_enc, W_dec, b_pre
     for param in params:
         param.grad = None
     total_variance = total_variance_per_layer(x, sum_)  # [L], data only
     fvu_layers = x.new_zeros(n_layers)
-    active = torch.zeros(model.n_latents, dtype=torch.bool, device=x.device)
+    active = torch.zeros(model.dead_shape, dtype=torch.bool, device=x.device)
     aux_grads: list[torch.Tensor | None] | None = None
-    aux_squared = torch.zeros((), dtype=torch.float64, device=x.device)
-    moments = ResidualMoments(d, x.device)
+    aux_squared: torch.Tensor | None = None  # [G] float64
+    moments: ResidualMoments | None = None
+    has_dead: list[bool] = []
     for part in x.split(micro_batch_tokens or b):
         out = model.reconstruct(
             part, dead_latents=dead_latents, matmul_dtype=matmul_dtype, project_decoder_grad=True, screen=screen
         )
         part_fvu = fvu_per_layer(part, out.x_hat.view(part.shape), total_variance)  # [L]
-        if out.aux_indices.shape[1] > 0:  # some latents are dead: AuxK explains the residual with them
-            error = (out.z - out.z_hat).detach()  # [N, d], standardized space: the target carries no gradient
-            error_hat = sparse_decode(out.aux_values, out.aux_indices, model.W_dec, project_grad=True)  # [N, d], no bias
-            squared = (error - error_hat).pow(2).sum()
-            grads = torch.autograd.grad(squared, params, retain_graph=True, allow_unused=True)
+        aux = model.auxk_residuals(out, dead_latents)
+        if aux is not None:  # some latents are dead: AuxK explains the residual with them
+            pairs = zip(aux.error.unbind(1), aux.error_hat.unbind(1))  # [M, d] each: one group's vectors
+            squared = torch.stack([(error - error_hat).pow(2).sum() for error, error_hat in pairs])  # [G]
+            grads = torch.autograd.grad(squared.sum(), params, retain_graph=True, allow_unused=True)
             aux_grads = list(grads) if aux_grads is None else [_add(a, g) for a, g in zip(aux_grads, grads)]
+            if moments is None:
+                moments = ResidualMoments(d, x.device, groups=squared.numel())
+                aux_squared = torch.zeros(squared.numel(), dtype=torch.float64, device=x.device)
+                has_dead = aux.has_dead.tolist()
             aux_squared += squared.detach()
-            moments.add(error)
-        part_fvu.mean().backward()
+            moments.add(aux.error)
+        model.fvu_loss(part_fvu).backward()
         fvu_layers += part_fvu.detach()
-        active |= DeadLatentTracker.active_mask(out.values, out.indices, model.n_latents)
+        active |= model.active_latents(out)
     auxk = 0.0
     if aux_grads is not None:
-        variance = moments.total_variance(sum_)
-        if variance > 0:  # a batch whose residuals are all equal leaves nothing to explain
+        variances = moments.total_variance(sum_).tolist()  # [G]
+        squared_sums = sum_(aux_squared).tolist()
+        auxk_groups = []
+        for group, (variance, squared_sum, dead_here) in enumerate(zip(variances, squared_sums, has_dead)):
+            # a group without dead latents has no AuxK; a batch whose residuals are all equal leaves nothing to explain
+            if not dead_here or variance <= 0:
+                auxk_groups.append(0.0)
+                continue
             for param, grad in zip(params, aux_grads):
                 if grad is not None:
-                    param.grad.add_(grad, alpha=auxk_alpha / variance.item())
-            auxk = (sum_(aux_squared) / variance).item()
+                    model.per_group(param.grad)[group].add_(model.per_group(grad)[group], alpha=auxk_alpha / variance)
+            auxk_groups.append(squared_sum / variance)
+        auxk = float(np.mean(auxk_groups))
     return StepTerms(sum_(fvu_layers), auxk, active)
 
 
@@ -113,7 +128,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def train_step(
-    model: MultiLayerSAE,
+    model: Dictionary,
     optimizer: torch.optim.Optimizer,
     tracker: DeadLatentTracker,
     x: torch.Tensor,
@@ -142,5 +157,5 @@ def train_step(
     n_dead = 0 if dead is None else dead.numel()
     metrics = {"loss": float(np.mean(fvus)) + auxk_alpha * terms.auxk, "fvu": float(np.mean(fvus))}
     metrics.update({f"fvu_layer_{layer}": value for layer, value in zip(model.layers, fvus)})
-    metrics.update({"auxk": terms.auxk, "dead_fraction": n_dead / model.n_latents})
+    metrics.update({"auxk": terms.auxk, "dead_fraction": n_dead / tracker.tokens_since_active.numel()})
     return metrics

@@ -19,18 +19,18 @@ from mlsae_cache.integrity import RECORD_FILE, record_files
 from mlsae_cache.path_kinds import is_cache_dir, is_run_dir
 
 from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SAE_FILE, load_checkpoint, read_progress, save_checkpoint, save_sae
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig, recorded_setting
 from .data import ActivationDataset, BatchOrder, Prefetcher
 from .dead_latents import DeadLatentTracker
+from .dictionary import Dictionary
 from .distributed import Distributed
-from .geometric_median import geometric_median
+from .families import FAMILIES
 from .metrics_log import MetricsLog, check_loggers_available
-from .model import MultiLayerSAE, standardize
 from .screened_topk import use_screen
 from .step import make_optimizer, train_step
 
 
-def _run_info(config: TrainConfig, dataset: ActivationDataset, model: MultiLayerSAE, total_steps: int) -> dict:
+def _run_info(config: TrainConfig, dataset: ActivationDataset, model: Dictionary, total_steps: int) -> dict:
     return {
         "config": json.loads(json.dumps(config.to_dict())),
         "sae": model.config(),
@@ -64,7 +64,7 @@ def _check_run_dir(run: Path, config: TrainConfig, info: dict) -> Path | None:
     for name, value in info["config"].items():
         if name in RESUMABLE_CHANGES:
             continue
-        before = saved.get("config", {}).get(name)
+        before = recorded_setting(saved.get("config", {}), name)
         if before != value:
             flag = "-k" if name == "k" else "--" + name.replace("_", "-")
             raise MlsaeError(
@@ -122,7 +122,7 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
     total_steps = _count_steps(config, dataset.n_tokens)
 
     generator = torch.Generator().manual_seed(config.seed)
-    model = MultiLayerSAE(dataset.d_model, n_latents, config.k, dataset.layers, generator=generator)
+    model = FAMILIES[config.arch](dataset.d_model, n_latents, config.k, dataset.layers, generator=generator)
     info = _run_info(config, dataset, model, total_steps)
     run = Path(config.out)
     checkpoint = _check_run_dir(run, config, info)
@@ -141,7 +141,7 @@ def train(config: TrainConfig, *, stop_after_steps: int | None = None) -> Path:
     device = dist.device
     model.to(device)
     optimizer = make_optimizer(model, config.lr)
-    tracker = DeadLatentTracker(n_latents, config.dead_tokens, device)
+    tracker = DeadLatentTracker(model.dead_shape, config.dead_tokens, device)
     order = BatchOrder(dataset.n_tokens, config.batch_tokens, config.seed)
     start_step = 0
     if checkpoint is not None:
@@ -226,7 +226,7 @@ def _train_loop(config, dist, dataset, order, model, optimizer, tracker, steps: 
 DIVERGED_FVU = 1e6
 
 
-def _non_finite(metrics: dict[str, Any], model: MultiLayerSAE) -> str | None:
+def _non_finite(metrics: dict[str, Any], model: Dictionary) -> str | None:
     """What went non-finite (or diverged past DIVERGED_FVU) in this step: its loss terms, then the
     weights after it; None when all is well.
 
@@ -276,16 +276,16 @@ def _next_batch(batch_iter, dist: Distributed) -> tuple[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def _init_b_pre(model: MultiLayerSAE, dataset: ActivationDataset, order: BatchOrder) -> None:
-    """b_pre = geometric median of the first global batch, standardized (every process computes the same)."""
+def _init_b_pre(model: Dictionary, dataset: ActivationDataset, order: BatchOrder) -> None:
+    """b_pre = geometric median of the first global batch, standardized, as the family takes it (every
+    process computes the same)."""
     indices = order.global_batch(0)
     first = dataset.read(indices)
     dataset.check_finite(first, indices)
-    z, _, _ = standardize(torch.from_numpy(first).to(model.b_pre.device).reshape(-1, model.d_model), model.eps)
-    model.b_pre.copy_(geometric_median(z))
+    model.init_b_pre_(torch.from_numpy(first).to(model.b_pre.device))  # [N, L, d]
 
 
-def _save_final_weights(model: MultiLayerSAE, run: Path, dist: Distributed) -> None:
+def _save_final_weights(model: Dictionary, run: Path, dist: Distributed) -> None:
     """The weights of a run resumed at its last step, with the progress of the (verified) checkpoint they come from."""
     if dist.is_main:
         save_sae(model, run / SAE_FILE, read_progress(run / CHECKPOINT_FILE))

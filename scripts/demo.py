@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mlsae_analysis import layout  # noqa: E402
 from mlsae_cache.assets import ensure_shakespeare, ensure_smollm2  # noqa: E402
 from mlsae_train.checkpoint import run_is_finished  # noqa: E402
 
@@ -80,11 +81,11 @@ def main() -> int:
             resume = ["--resume"] if (run_dir / "checkpoint.safetensors").exists() else []
             run("mlsae_train.cli", "--shards", str(out / "cache-train"), "--out", str(run_dir), "--expansion-factor", "8", "-k", "32",
                 "--batch-tokens", "256", "--lr", "1e-3", "--epochs", str(args.epochs), "--save-every-tokens", "5000", *resume)  # fmt: skip
-        if not (analysis / "summary.json").exists():
+        if not (analysis / layout.SUMMARY).exists():
             run("mlsae_analysis.cli", "--run", str(run_dir), "--shards", str(out / "cache-test"), "--out", str(analysis),
                 "--downstream-sequences", str(args.splice_sequences))  # fmt: skip
-        if not (analysis / "report.html").exists():  # an analysis written before the HTML report existed
-            run("mlsae_analysis.html_report", str(analysis), "--run", str(run_dir))
+        if not (analysis / layout.PAGE).exists():  # an analysis written before the HTML report existed
+            run("mlsae_analysis.html_report", str(analysis))
     except subprocess.CalledProcessError as exc:
         print(f"demo: a stage failed (exit {exc.returncode}); fix what it said and run the demo again to resume", file=sys.stderr)
         return 1
@@ -95,10 +96,10 @@ def main() -> int:
 def print_summary(out: Path, analysis: Path) -> None:
     import polars as pl
 
-    metrics = pl.read_csv(analysis / "metrics.csv").with_columns(pl.col("layer").cast(pl.Utf8))
+    metrics = layout.read_table(analysis, layout.METRICS).with_columns(pl.col("layer").cast(pl.Utf8))
     mean = metrics.filter(pl.col("layer") == "mean").row(0, named=True)
     worst = metrics.filter(pl.col("layer") != "mean").sort("var_share_top_0.1pct", descending=True).row(0, named=True)
-    ratios = pl.read_csv(analysis / "variance_ratios.csv").row(0, named=True)
+    ratios = layout.read_table(analysis, layout.VARIANCE_RATIOS).row(0, named=True)
     test_manifest = json.loads((out / "cache-test" / "manifest.json").read_text())
     left_out = test_manifest.get("tokens_left_out") or {}
     print()
@@ -113,8 +114,8 @@ def print_summary(out: Path, analysis: Path) -> None:
     print(f"  ratio 11 (E_J[Var(L|J)] / Var(L)) {ratios['ratio_11']:.1%}   ratio 12 (E_J,T[Var(L|J,T)] / E_J[Var(L|J)]) {ratios['ratio_12']:.1%}")
     print(f"  caches : {out / 'cache-train'}  {out / 'cache-test'}")
     print(f"  MLSAE  : {out / 'run'}")
-    print(f"  tables and figures: {analysis}  (metrics.csv, variance_ratios.csv, heatmap.png, ...)")
-    print(f"  report : {analysis / 'report.html'}  (tables, figures and a latent browser; open it in a browser)")
+    print(f"  tables and figures: {analysis}  ({layout.METRICS}, {layout.VARIANCE_RATIOS}, {layout.HEATMAP_FIGURE}.png, ...)")
+    print(f"  report : {analysis / layout.PAGE}  (tables, figures and a latent browser; open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
     .venv/bin/python scripts/sweep.py sweeps/paper.toml --only 'pythia-70m/*' --set data.train_tokens=100_000_000
     .venv/bin/python scripts/sweep.py --size-table                     # the README's table of sizes and times
 
-The grid expands to runs named ``MODEL/R<R>-k<k>[-lens]``. Each (model, lens) pair is cached once per
-split; each run is trained on the train cache and analysed on the test cache; ``mlsae-analyse report``
-then gathers every analysed run into ``OUT/report``. Every stage is the project's own command.
+The grid expands to runs named ``MODEL/R<R>-k<k>[-lens][-ARCH]``: ``arch`` is a grid axis like ``k``
+(``mlsae``, the default, ``per-layer`` or ``crosscoder``; mlsae-train --arch), and names the run unless it
+is the MLSAE. Each (model, lens) pair is cached once per split, so every family of a model trains on the
+same cache; each run is trained on the train cache and analysed on the test cache; ``mlsae-analyse report``
+then gathers every analysed run into ``OUT/report``. Every stage is the project's own command;
+``--stop-after train`` runs only the lenses, caches and trainings.
 
 Resumable: a stage is finished when the file it writes last exists (a cache's ``manifest.json``, a run's
 ``sae.safetensors`` with its checkpoint at the last step, an analysis's ``summary.json``, a lens's
@@ -16,8 +19,8 @@ interrupted cache or lens resumes by itself. A failed stage is reported, the sta
 skipped, the sweep goes on and exits non-zero at the end.
 The report is rewritten only when the set of analysed runs (or one of their summaries) changed.
 
-Layout under ``out``: ``caches/MODEL[-lens]/{train,test}``, ``lenses/MODEL``, ``runs/MODEL/R..-k..``,
-``analysis/MODEL/R..-k..``, ``report``.
+Layout under ``out``: ``caches/MODEL[-lens]/{train,test}``, ``lenses/MODEL``, ``runs/MODEL/R..-k..[-lens][-ARCH]``,
+``analysis/MODEL/R..-k..[-lens][-ARCH]``, ``report``.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ from typing import Any, Callable, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mlsae_analysis import layout  # noqa: E402
 from mlsae_analysis.files import remove_stale_partials  # noqa: E402
 from mlsae_cache.atomic import atomic_write_json  # noqa: E402
 from mlsae_cache.clitools import run_command  # noqa: E402
 from mlsae_cache.errors import MlsaeError  # noqa: E402
 from mlsae_train.checkpoint import run_is_finished  # noqa: E402
+from mlsae_train.families import DEFAULT_ARCH, FAMILIES  # noqa: E402
 
 try:
     import tomllib
@@ -71,11 +76,11 @@ DATA_DEFAULTS: dict[str, Any] = {
     "test_tokens": None,
 }
 MODEL_KEYS = {"name", "path", "lens"}
-GRID_KEYS = {"models", "expansion_factor", "k", "lens"}
+GRID_KEYS = {"models", "expansion_factor", "k", "lens", "arch", "seed"}
 # options of each command that the sweep sets itself, per run: the config may not set them
 SWEEP_OWNED = {
     "cache": {"model", "out", "dataset", "tokens", "split", "lens", "overwrite"},
-    "train": {"shards", "out", "expansion_factor", "k", "resume"},
+    "train": {"shards", "out", "arch", "expansion_factor", "k", "resume"},
     "analyse": {"run", "shards", "out"},
     "lens": {"model", "dataset", "split", "out", "overwrite"},
 }
@@ -98,10 +103,19 @@ class Run:
     expansion_factor: int
     k: int
     lens: bool
+    arch: str = DEFAULT_ARCH
+    """The dictionary family (mlsae-train --arch)."""
+    seed: int | None = None
+    """mlsae-train --seed when the grid sets one (None: the [train] table's, or the default)."""
 
     @property
     def name(self) -> str:
-        return f"{self.model.name}/R{self.expansion_factor}-k{self.k}" + ("-lens" if self.lens else "")
+        """``MODEL/R<R>-k<k>[-lens][-ARCH][-s<SEED>]``: an MLSAE run keeps the name it had before families
+        (and grid seeds) existed, so that sweeps started then resume."""
+        lens = "-lens" if self.lens else ""
+        family = "" if self.arch == DEFAULT_ARCH else f"-{self.arch}"
+        seed = "" if self.seed is None else f"-s{self.seed}"
+        return f"{self.model.name}/R{self.expansion_factor}-k{self.k}{lens}{family}{seed}"
 
 
 @dataclass
@@ -168,6 +182,13 @@ def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
     if unknown:
         raise MlsaeError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
     return table
+
+
+def _non_negative_ints(values: Any, where: str) -> list[int]:
+    values = values if isinstance(values, list) else [values]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise MlsaeError(f"{where} must be a non-negative integer or a non-empty list of them, got {values!r}")
+    return values
 
 
 def _positive_ints(values: Any, where: str) -> list[int]:
@@ -259,6 +280,8 @@ def load_config(path: Path, overrides: Sequence[str] = ()) -> SweepConfig:
 
     models = _load_models(raw.get("models"), where)
     runs = _expand_grid(raw.get("grid"), models, where)
+    if "seed" in options["train"] and any(run.seed is not None for run in runs):
+        raise MlsaeError(f"{where}: seed is set both in [train] and in a [[grid]] block; set it in one place")
     return SweepConfig(Path(path), Path(raw["out"]), launcher, data, options, models, runs)
 
 
@@ -277,10 +300,22 @@ def _load_models(entries: Any, where: str) -> dict[str, ModelSpec]:
     return models
 
 
+def _families(values: Any, where: str) -> list[str]:
+    """A grid's ``arch``: one family name or a non-empty list of them (the names of mlsae_train.families)."""
+    values = values if isinstance(values, list) else [values]
+    known = ", ".join(FAMILIES)
+    if not values:
+        raise MlsaeError(f"{where} must name a dictionary family or a non-empty list of them ({known})")
+    for value in values:
+        if value not in FAMILIES:
+            raise MlsaeError(f"{where} = {value!r} is not a dictionary family; use one of {known}")
+    return values
+
+
 def _expand_grid(blocks: Any, models: dict[str, ModelSpec], where: str) -> list[Run]:
-    """Every block is a product models x expansion_factor x k x lens; a run listed twice is kept once."""
+    """Every block is a product models x lens x expansion_factor x k x arch; a run listed twice is kept once."""
     if not isinstance(blocks, list) or not blocks:
-        raise MlsaeError(f"{where}: no grid; add [[grid]] tables with models, expansion_factor, k (and lens)")
+        raise MlsaeError(f"{where}: no grid; add [[grid]] tables with models, expansion_factor, k (and lens, arch)")
     runs: dict[str, Run] = {}
     for i, block in enumerate(blocks):
         block_where = f"{where}: [[grid]] #{i + 1}"
@@ -295,12 +330,17 @@ def _expand_grid(blocks: Any, models: dict[str, ModelSpec], where: str) -> list[
         lens_values = lens_values if isinstance(lens_values, list) else [lens_values]
         if not lens_values or not all(isinstance(v, bool) for v in lens_values):
             raise MlsaeError(f"{block_where}: lens must be true, false or a list of them")
+        archs = _families(block.get("arch", [DEFAULT_ARCH]), f"{block_where} arch")
+        # seeds: e.g. one per family, whose initial dictionaries would otherwise share directions (SPEC 9 matching)
+        seeds = [None] if "seed" not in block else _non_negative_ints(block["seed"], f"{block_where} seed")
         for name in names:
             for lens in lens_values:
                 for r in _positive_ints(block.get("expansion_factor"), f"{block_where} expansion_factor"):
                     for k in _positive_ints(block.get("k"), f"{block_where} k"):
-                        run = Run(models[name], r, k, lens)
-                        runs.setdefault(run.name, run)
+                        for arch in archs:
+                            for seed in seeds:
+                                run = Run(models[name], r, k, lens, arch, seed)
+                                runs.setdefault(run.name, run)
     return list(runs.values())
 
 
@@ -424,6 +464,9 @@ def size_table(tokens: int = 1_000_000_000, small_tokens: int = 10_000_000, seq_
 # ----------------------------------------------------------------------------------------------------
 
 
+STAGE_ORDER = ("lens", "cache", "train", "analyse")  # a run's stages come in this order (then the report)
+
+
 @dataclass(eq=False)
 class Stage:
     kind: str
@@ -536,13 +579,16 @@ class Planner:
 
     def _train(self, run: Run, cache: Stage) -> Stage:
         out = self.run_dir(run)
-        argv = ["--shards", str(cache.done_file.parent), "--out", str(out), "--expansion-factor", str(run.expansion_factor),
-                "-k", str(run.k), *_option_argv(self.config.options["train"])]  # fmt: skip
+        argv = ["--shards", str(cache.done_file.parent), "--out", str(out), "--arch", run.arch,
+                "--expansion-factor", str(run.expansion_factor), "-k", str(run.k), *_option_argv(self.config.options["train"])]  # fmt: skip
+        if run.seed is not None:
+            argv += ["--seed", str(run.seed)]
         stage = Stage("train", run.name, "mlsae_train.cli", argv, out / "sae.safetensors", [cache], launched=True,
                       resume_marker=out / "config.json", finished=lambda: run_is_finished(out))  # fmt: skip
         shape = model_shape(run.model.path)
         if shape is not None:
             epochs = self.config.options["train"].get("epochs", 1)
+            # one estimate for every family: each one's dense encoder (2 d n per (token, layer) vector) dominates
             flops = sae_train_flops(epochs * self.config.data["train_tokens"], shape, run.expansion_factor, run.k)
             stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0))  # each epoch reads the whole cache
         return stage
@@ -552,7 +598,7 @@ class Planner:
         options = self.config.options["analyse"]
         argv = ["--run", str(train.done_file.parent), "--shards", str(test_cache.done_file.parent), "--out", str(out),
                 *_option_argv(options)]  # fmt: skip
-        stage = Stage("analyse", run.name, "mlsae_analysis.cli", argv, out / "summary.json", [train, test_cache])
+        stage = Stage("analyse", run.name, "mlsae_analysis.cli", argv, out / layout.SUMMARY, [train, test_cache])
         shape = model_shape(run.model.path)
         if shape is not None:
             tokens = min(self.config.data["test_tokens"], options.get("max_tokens", self.config.data["test_tokens"]))
@@ -589,7 +635,7 @@ def analysed_runs(planner: Planner, runs: list[Run]) -> dict[str, str]:
     The mtime makes a redone analysis count as new even when it reproduces its summary exactly."""
     found = {}
     for run in runs:
-        summary = planner.analysis_dir(run) / "summary.json"
+        summary = planner.analysis_dir(run) / layout.SUMMARY
         if summary.exists():
             found[run.name] = f"{summary.stat().st_mtime_ns}:{hashlib.sha256(summary.read_bytes()).hexdigest()}"
     return found
@@ -693,7 +739,8 @@ def execute(stages: list[Stage], call: Callable[[Stage], int], total: int) -> di
     return problems
 
 
-def print_plan(config: SweepConfig, planner: Planner, stages: list[Stage], runs: list[Run], fingerprint: dict[str, str]) -> None:
+def print_plan(config: SweepConfig, planner: Planner, stages: list[Stage], runs: list[Run], fingerprint: dict[str, str],
+               stop_after: str | None = None) -> None:  # fmt: skip
     n_models = len({r.model.name for r in runs})
     print(f"sweep {config.source}: {len(runs)} runs of {n_models} models (of {len(config.runs)} in the grid) -> {config.out}")
     width = max(len(f"{s.kind} {s.label}") for s in stages)
@@ -707,7 +754,7 @@ def print_plan(config: SweepConfig, planner: Planner, stages: list[Stage], runs:
         print(f"  [{i}/{len(stages) + 1}] {stage.kind + ' ' + stage.label:<{width}}  {status:<6}  {'  '.join(extra)}")
     will_analyse = {s.label for s in stages if s.kind == "analyse" and s.status() != "skip"}
     report_runs = len(set(fingerprint) | will_analyse)
-    report_todo = report_runs and (will_analyse or not report_is_current(config.out / "report", fingerprint))
+    report_todo = not stop_after and report_runs and (will_analyse or not report_is_current(config.out / "report", fingerprint))
     print(f"  [{len(stages) + 1}/{len(stages) + 1}] {'report ' + str(report_runs) + ' runs':<{width}}  {'to do' if report_todo else 'skip'}")
     print_estimates(config, stages)
 
@@ -735,8 +782,13 @@ def sweep(args: argparse.Namespace) -> int:
     runs = select_runs(config.runs, args.only)
     planner = Planner(config)
     stages = planner.stages(runs)
+    if args.stop_after:  # the stages up to that kind, and no report
+        stages = [s for s in stages if STAGE_ORDER.index(s.kind) <= STAGE_ORDER.index(args.stop_after)]
+        if not stages:
+            raise MlsaeError(f"--stop-after {args.stop_after} leaves no stage to run (no run of this sweep trains a "
+                             f"{args.stop_after}); stop after a later stage")  # fmt: skip
     if args.dry_run:
-        print_plan(config, planner, stages, runs, analysed_runs(planner, config.runs))
+        print_plan(config, planner, stages, runs, analysed_runs(planner, config.runs), args.stop_after)
         return 0
     config.out.mkdir(parents=True, exist_ok=True)
     total = len(stages) + 1
@@ -747,7 +799,9 @@ def sweep(args: argparse.Namespace) -> int:
         problems = execute(stages, call, total)
         fingerprint = analysed_runs(planner, config.runs)
         head = f"[{total}/{total}] report"
-        if not fingerprint:
+        if args.stop_after:
+            print(f"{head}: not made (--stop-after {args.stop_after})", flush=True)
+        elif not fingerprint:
             print(f"{head}: no analysed run yet, nothing to report", flush=True)
         elif report_is_current(config.out / "report", fingerprint):
             print(f"{head}: {config.out / 'report'} already covers the {len(fingerprint)} analysed runs, skipped", flush=True)
@@ -765,7 +819,8 @@ def sweep(args: argparse.Namespace) -> int:
         for title, why in problems.items():
             print(f"  {title}: {why}", file=sys.stderr)
         return 1
-    print(f"sweep finished in {elapsed}: report in {config.out / 'report'}", flush=True)
+    done = f"stopped after the {args.stop_after} stages" if args.stop_after else f"report in {config.out / 'report'}"
+    print(f"sweep finished in {elapsed}: {done}", flush=True)
     return 0
 
 
@@ -781,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set data.train_tokens=100_000_000 --set out=/scratch/sweep")
     parser.add_argument("--in-process", action="store_true",
                         help="run each command in this Python process (faster start for small sweeps; no launcher)")
+    parser.add_argument("--stop-after", choices=STAGE_ORDER[:-1], default=None,
+                        help="run only the stages up to this kind (lens < cache < train), no analysis and no report; "
+                        "e.g. train every family before the analyses (or on another machine)")
     parser.add_argument("--size-table", action="store_true", help="print the README's table of Pythia sizes and estimated times")
     return parser
 

@@ -112,12 +112,12 @@ def test_read_only_parent_of_out(inputs, tmp_path, capsys, read_only_below):
 
 
 def test_ctrl_c_says_nothing_was_kept_and_leaves_nothing(inputs, tmp_path, capsys, monkeypatch):
-    from mlsae_analysis import cli
+    from mlsae_analysis import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "decoder_neighbours", interrupted)  # after the encode pass has written its latents
+    monkeypatch.setattr(pipeline, "decoder_neighbours", interrupted)  # after the encode pass has written its latents
     out = tmp_path / "out"
     assert _analyse(inputs, out) == 130
     err = capsys.readouterr().err

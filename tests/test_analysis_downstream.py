@@ -11,6 +11,7 @@ import pytest
 import torch
 from models import assert_one_line_error, build_tiny_model, write_english
 
+from mlsae_analysis import layout
 from mlsae_analysis.cli import main as analyse_main
 from mlsae_analysis.downstream import downstream_metrics, kept_positions
 from mlsae_cache import open_cache
@@ -96,7 +97,7 @@ def run_analyse(setup, out, *extra):
     return analyse_main(["--run", str(setup["run"]), "--shards", str(setup["test"]), "--out", str(out), "--no-progress", *extra])
 
 
-def test_cli_end_to_end_with_the_language_model(setup, tmp_path):
+def test_cli_end_to_end_with_the_language_model(setup, tmp_path, pythia_tokenizer):
     out = tmp_path / "out"
     assert run_analyse(setup, out) == 0
     metrics = pl.read_csv(out / "metrics.csv")
@@ -106,6 +107,10 @@ def test_cli_end_to_end_with_the_language_model(setup, tmp_path):
     assert prompt["mean_layer"].is_sorted()
     examples = pl.read_parquet(out / "examples.parquet")
     assert "context_text" in examples.columns and examples["context_text"].str.len_chars().min() > 0
+    # the page's token texts: every token of every context, once, decoded alone by the model's tokenizer
+    texts = pl.read_parquet(out / layout.TOKEN_TEXTS)
+    assert texts["token_id"].to_list() == examples["context_ids"].explode().unique().sort().to_list()
+    assert texts["text"].to_list() == [pythia_tokenizer.decode([i]) for i in texts["token_id"].to_list()]
     for name in ("single_prompt", "heatmap", "metrics"):
         assert (out / f"{name}.png").exists() and (out / f"{name}.pdf").exists()
     assert json.loads((out / "summary.json").read_text())["metrics_mean"]["delta_ce"] == pytest.approx(

@@ -607,6 +607,7 @@ DAMAGE_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
     ("analysis", "variance_ratios.csv"): ("report",),
     ("analysis", "latent_layers.parquet"): ("report", "html-page-rebuild"),
     ("analysis", "examples.parquet"): ("html-page-rebuild",),
+    ("analysis", "token_texts.parquet"): ("html-page-rebuild",),
     ("analysis", "neighbours.parquet"): ("html-page-rebuild",),
     ("analysis", "layer_distributions.parquet"): ("html-page-rebuild",),
     ("analysis", "latents/part-00000.parquet"): ("html-page-rebuild",),
@@ -828,7 +829,7 @@ CASE_COUNT = len(OUTPUT_CASES) + len(SIGNAL_COMMANDS) * len(SIGNALS) + len(DAMAG
 
 def test_case_count():
     """The closing note's number of cases; every class of the issue is present."""
-    assert CASE_COUNT == 34 + 10 + 92 + 2 + 43 == 181
+    assert CASE_COUNT == 34 + 10 + 94 + 2 + 43 == 183
     assert {"read-only", "disk-full-at-once", "disk-full-midway"} <= set(OUTPUT_FAULTS) and set(SIGNALS) == {"SIGINT", "SIGKILL"}
     assert set(DAMAGES) == {"flipped", "truncated"}
 

@@ -1,8 +1,8 @@
 """HTML reports: the embedded browser data against its sources, and the page in real headless Chromium.
 
 The analysis directories here are small and synthetic but made by the pipeline's own functions
-(latent_layer_table, top_examples, plot_layer_heatmap, save_sae, report), with the real Pythia
-tokenizer, so their files have exactly the schema mlsae-analyse writes.
+(latent_layer_table, top_examples, token_text_table, decoder_neighbours, plot_layer_heatmap, save_sae,
+report), with the real Pythia tokenizer, so their files have exactly the schema mlsae-analyse writes.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from mlsae_analysis import layout
 from mlsae_analysis.examples import top_examples
 from mlsae_analysis.html_report import latent_browser_data, main, write_analysis_html, write_sweep_html
 from mlsae_analysis.layer_distributions import latent_layer_table, layer_prob_columns
-from mlsae_analysis.neighbours import NEIGHBOURS_FILE, decoder_neighbours
+from mlsae_analysis.neighbours import decoder_neighbours
 from mlsae_analysis.plots import plot_layer_heatmap
 from mlsae_analysis.report import report
+from mlsae_analysis.token_texts import context_token_ids, decoded_strings, token_text_table
 from mlsae_train import MultiLayerSAE, load_sae
 from mlsae_train.checkpoint import save_sae
 from models import ENGLISH, assert_one_line_error
@@ -62,19 +64,22 @@ def write_analysis(out: Path, run: Path, tokenizer, tokenizer_dir: Path, seed: i
     latents = pl.DataFrame(rows, schema=["token", "layer", "latent", "activation"], orient="row")
     out.mkdir(parents=True)
     table = latent_layer_table(latents, len(LAYERS))
-    table.write_parquet(out / "latent_layers.parquet")
-    top_examples(latents.lazy(), tokens, N_EXAMPLES, CONTEXT_TOKENS).write_parquet(out / "examples.parquet")
-    plot_layer_heatmap(table, out / "heatmap", title="synthetic: P(L | J)")
+    table.write_parquet(out / layout.LATENT_LAYERS)
+    examples = top_examples(latents.lazy(), tokens, N_EXAMPLES, CONTEXT_TOKENS)
+    examples.write_parquet(out / layout.EXAMPLES)
+    token_text_table(context_token_ids(examples), decoded_strings(tokenizer)).write_parquet(out / layout.TOKEN_TEXTS)
+    plot_layer_heatmap(table, out / layout.HEATMAP_FIGURE, title="synthetic: P(L | J)")
     per_layer = {"layer": [str(layer) for layer in LAYERS] + ["mean"], "fvu": [0.3, 0.2, 0.1, 0.2, 0.2],
                  "mse": [1.0, 2.0, 3.0, 4.0, 2.5], "l1": [5.0, 6, 7, 8, 6.5], "delta_ce": [0.1, 0.2, 0.3, 0.4, 0.25]}  # fmt: skip
-    pl.DataFrame(per_layer).write_csv(out / "metrics.csv")
+    pl.DataFrame(per_layer).write_csv(out / layout.METRICS)
     sae = MultiLayerSAE(D_MODEL, N_LATENTS, k=3, layers=LAYERS, generator=torch.Generator().manual_seed(seed))
     save_sae(sae, run)
+    decoder_neighbours(sae.W_dec, progress=False).write_parquet(out / layout.NEIGHBOURS)
     summary = {"run": str(run), "model": str(tokenizer_dir), "lens": None, "layers": LAYERS, "d_model": D_MODEL,
                "n_latents": N_LATENTS, "expansion_factor": N_LATENTS // D_MODEL, "k": 3, "n_tokens": token_id.size,
                "metrics_mean": {"fvu": 0.2, "mse": 2.5, "l1": 6.5, "delta_ce": 0.25}, "mmcs_mean": 0.4, "mmcs_std": 0.1,
                "variance_ratios": {"ratio_11": 0.8, "ratio_12": 0.3}}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary))
+    (out / layout.SUMMARY).write_text(json.dumps(summary))
     return out
 
 
@@ -163,7 +168,7 @@ def test_contexts_and_layer_data_match_the_analysis_files(analysis: Path) -> Non
 
 def test_embedded_json_survives_script_closing_text(analysis: Path, tmp_path: Path) -> None:
     nasty = "</script><script>document.title='pwned'</script>"
-    out = write_analysis_html(analysis, tmp_path / "r.html", token_strings=lambda ids: [nasty] * len(ids), progress=False)
+    out = write_analysis_html(analysis, tmp_path / "r.html", token_strings=lambda ids: [nasty] * len(ids))
     page = out.read_text()
     start = page.index('<script type="application/json" id="latent-data">') + len('<script type="application/json" id="latent-data">')
     data = json.loads(page[start : page.index("</script>", start)])
@@ -191,7 +196,7 @@ def test_page_names_both_dead_fractions_warns_and_documents_links(analysis: Path
     line = "warning: at layer(s) 4-5 the top 1% of tokens by norm (3 of 256) carry over half of the variance"
     summary["metrics_mean"].update(l0=3.0, dead_fraction=0.125, dead_every_layer=0.0208)
     (copy / "summary.json").write_text(json.dumps({**summary, "warnings": [line]}))
-    page = write_analysis_html(copy, tmp_path / "r.html", token_strings=lambda ids: ["x"] * len(ids), progress=False).read_text()
+    page = write_analysis_html(copy, tmp_path / "r.html", token_strings=lambda ids: ["x"] * len(ids)).read_text()
     stats = {label: value for value, label in re.findall(r'<div class="value">([^<]*)</div><div class="label">([^<]*)</div>', page)}
     assert stats["dead per layer (mean)"] == "0.125" and stats["dead at every layer"] == "0.0208"
     assert stats["L0 sparsity"] == "3" and "L0" not in stats and "dead" not in stats
@@ -200,7 +205,7 @@ def test_page_names_both_dead_fractions_warns_and_documents_links(analysis: Path
     # an analysis written before dead_every_layer existed: its mean-row dead_fraction was the every-layer one
     summary["metrics_mean"] = {"fvu": 0.2, "dead_fraction": 0.03}
     (copy / "summary.json").write_text(json.dumps(summary))
-    page = write_analysis_html(copy, tmp_path / "old.html", token_strings=lambda ids: ["x"] * len(ids), progress=False).read_text()
+    page = write_analysis_html(copy, tmp_path / "old.html", token_strings=lambda ids: ["x"] * len(ids)).read_text()
     stats = {label: value for value, label in re.findall(r'<div class="value">([^<]*)</div><div class="label">([^<]*)</div>', page)}
     assert stats["dead at every layer"] == "0.03" and not any(k.startswith("dead per") for k in stats)
     assert '<p class="warning">' not in page
@@ -276,8 +281,7 @@ def rendered(profile: Path, page: Path, fragment: str) -> Dom:
 def test_page_in_headless_chromium(analysis: Path, pythia_tokenizer, tmp_path: Path) -> None:
     chromium_or_skip()
     run = Path(json.loads((analysis / "summary.json").read_text())["run"])
-    page = write_analysis_html(analysis, run_dir=run, progress=False)
-    assert (analysis / NEIGHBOURS_FILE).exists()
+    page = write_analysis_html(analysis)  # neighbours and token texts from the analysis's files
     examples = pl.read_parquet(analysis / "examples.parquet")
     table = pl.read_parquet(analysis / "latent_layers.parquet")
     nb_index, nb_cosine = brute_force_neighbours(load_sae(run).W_dec.detach().numpy(), 5)
@@ -341,9 +345,9 @@ def test_sweep_page_links_each_runs_report(tmp_path: Path, pythia_tokenizer, pyt
     runs = [write_analysis(tmp_path / f"a{i}", tmp_path / f"run{i}.safetensors", pythia_tokenizer, pythia_tokenizer_dir, seed=i)
             for i in range(2)]  # fmt: skip
     report(runs, tmp_path / "sweep")
-    page = write_sweep_html(tmp_path / "sweep", runs, progress=False)
-    for run in runs:  # written because absent, with neighbours from the run named in summary.json
-        assert (run / "report.html").exists() and (run / NEIGHBOURS_FILE).exists()
+    page = write_sweep_html(tmp_path / "sweep", runs)
+    for run in runs:  # written because absent
+        assert (run / layout.PAGE).exists()
     html = page.read_text()
     assert html.count('href="../a0/report.html"') == 1 and html.count('href="../a1/report.html"') == 1
     assert "tables.csv" in html and "data:image/png;base64," in html

@@ -348,12 +348,12 @@ def test_a_digest_is_checked_in_the_algorithm_it_names(tmp_path):
 
 
 def test_rebuilding_the_page_keeps_the_record_true(built, tmp_path):
-    """The page and the neighbours it recomputes from --run are rewritten into a recorded directory: the
-    record follows them, so the next reader does not take them for damaged files."""
+    """The page is rewritten into a recorded directory: the record follows it, so the next reader does not
+    take it for a damaged file."""
     analysis = copy(built["analysis"], tmp_path / "analysis")
     before = json.loads((analysis / integrity.RECORD_FILE).read_text())["files"]
     (analysis / "report.html").unlink()
-    assert html_main([str(analysis), "--run", str(built["run"]), "--no-progress", "--max-contexts", "2"]) == 0
+    assert html_main([str(analysis), "--no-progress", "--max-contexts", "2"]) == 0
     after = json.loads((analysis / integrity.RECORD_FILE).read_text())["files"]
     assert after.keys() == before.keys() and after["report.html"] != before["report.html"]
     integrity.verify_files(analysis, None, "")

@@ -316,3 +316,118 @@ def test_a_folder_for_the_config_or_a_file_for_out_is_one_line(tiny_sweep_config
     assert sweep.main([str(config), "--dry-run", "--set", f"out={a_file}"]) == 2
     assert_one_line_error(capsys.readouterr().err, str(a_file), "is a file")
     assert a_file.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------
+# arch: the dictionary family as a grid axis
+# ----------------------------------------------------------------------------------------------------
+
+FAMILY_RUNS = ["smollm2/R4-k32", "smollm2/R4-k32-per-layer-s1", "smollm2/R4-k32-crosscoder-s2"]
+
+
+def test_families_config_trains_the_three_families_on_one_cache_at_equal_n_and_k(tmp_path):
+    config = sweep.load_config(REPO / "sweeps" / "families.toml", [f"out={tmp_path / 'out'}"])
+    assert [run.name for run in config.runs] == FAMILY_RUNS  # the MLSAE keeps its name (no family suffix)
+    stages = sweep.Planner(config).stages(config.runs)
+    kinds = [s.kind for s in stages]
+    assert (kinds.count("cache"), kinds.count("train"), kinds.count("analyse")) == (2, 3, 3)
+    trains = [parse_like_the_command(s) for s in stages if s.kind == "train"]
+    assert [t.arch for t in trains] == ["mlsae", "per-layer", "crosscoder"]
+    assert {(t.expansion_factor, t.k) for t in trains} == {(4, 32)}  # n = R x d and k equal for all three
+    assert len({t.shards[0] for t in trains}) == 1  # the same train cache
+    assert [t.seed for t in trains] == [0, 1, 2]  # initial dictionaries that share no directions
+    assert {Path(t.out) for t in trains} == {tmp_path / "out" / "runs" / name for name in FAMILY_RUNS}
+
+
+def test_arch_defaults_to_the_mlsae_and_takes_one_name_or_a_list(tmp_path):
+    base = (f'out = "{tmp_path / "out"}"\n[data]\ndataset = "text"\ntrain_tokens = 64\ntest_tokens = 64\n'
+            '[[models]]\nname = "m"\n[[grid]]\nmodels = ["m"]\nexpansion_factor = [1, 2]\nk = 4\n')  # fmt: skip
+    names = {}
+    for label, extra in (("none", ""), ("mlsae", 'arch = "mlsae"\n'), ("one", 'arch = "crosscoder"\n'),
+                         ("list", 'arch = ["per-layer", "mlsae", "per-layer"]\n')):  # fmt: skip
+        (tmp_path / f"{label}.toml").write_text(base + extra)
+        names[label] = [run.name for run in sweep.load_config(tmp_path / f"{label}.toml").runs]
+    assert names["none"] == names["mlsae"] == ["m/R1-k4", "m/R2-k4"]
+    assert names["one"] == ["m/R1-k4-crosscoder", "m/R2-k4-crosscoder"]
+    assert names["list"] == ["m/R1-k4-per-layer", "m/R1-k4", "m/R2-k4-per-layer", "m/R2-k4"]  # a run named twice: once
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        ('[[grid]]\nmodels = ["m"]\nexpansion_factor = 1\nk = 4\narch = "transcoder"\n',
+         ["[[grid]] #1 arch = 'transcoder' is not a dictionary family", "mlsae, per-layer, crosscoder"]),
+        ('[[grid]]\nmodels = ["m"]\nexpansion_factor = 1\nk = 4\narch = ["mlsae", 3]\n', ["arch = 3 is not a dictionary family"]),
+        ('[[grid]]\nmodels = ["m"]\nexpansion_factor = 1\nk = 4\narch = []\n', ["[[grid]] #1 arch must name a dictionary family"]),
+        ('[train]\narch = "crosscoder"\n[[grid]]\nmodels = ["m"]\nexpansion_factor = 1\nk = 4\n', ["[train] arch is set by the sweep"]),
+    ],
+)
+def test_a_bad_arch_is_one_line(extra, fragments, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'out = "{tmp_path / "out"}"\n[data]\ndataset = "text"\ntrain_tokens = 64\ntest_tokens = 64\n'
+                   f'[[models]]\nname = "m"\n{extra}')  # fmt: skip
+    assert sweep.main([str(bad), "--dry-run"]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(bad), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_is_a_grid_axis_named_in_the_run_and_passed_to_training(tmp_path, capsys):
+    base = (f'out = "{tmp_path / "out"}"\n[data]\ndataset = "text"\ntrain_tokens = 64\ntest_tokens = 64\n'
+            '[[models]]\nname = "m"\n[[grid]]\nmodels = ["m"]\nexpansion_factor = 1\nk = 4\n')  # fmt: skip
+    (tmp_path / "seeds.toml").write_text(base + 'arch = "crosscoder"\nseed = [3, 0]\n')
+    config = sweep.load_config(tmp_path / "seeds.toml")
+    assert [run.name for run in config.runs] == ["m/R1-k4-crosscoder-s3", "m/R1-k4-crosscoder-s0"]
+    trains = [parse_like_the_command(s) for s in sweep.Planner(config).stages(config.runs) if s.kind == "train"]
+    assert [t.seed for t in trains] == [3, 0]
+    for extra, fragment in (('seed = -1\n', "seed must be a non-negative integer"), ('seed = "x"\n', "seed must be"),
+                            ('seed = 1\n[train]\nseed = 2\n', "seed is set both in [train] and in a [[grid]] block")):  # fmt: skip
+        (tmp_path / "bad.toml").write_text(base + extra)
+        assert sweep.main([str(tmp_path / "bad.toml"), "--dry-run"]) == 2
+        assert_one_line_error(capsys.readouterr().err, fragment)
+
+
+def test_stop_after_train_plans_no_analysis_and_no_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sweep.main([str(REPO / "sweeps" / "families.toml"), "--dry-run", "--stop-after", "train", "--set", f"out={out}"]) == 0
+    plan = PLAN_LINE.findall(capsys.readouterr().out)
+    assert plan == [("cache smollm2 train", "to do"), ("cache smollm2 test", "to do"),
+                    *[(f"train {name}", "to do") for name in FAMILY_RUNS], ("report 0 runs", "skip")]  # fmt: skip
+    assert not out.exists()
+
+
+def test_a_family_sweep_trains_each_family_through_its_own_command_line_then_skips(tmp_path, capsys):
+    """The planned train commands, run in this process on a small array cache put where the sweep's caches go."""
+    import numpy as np
+
+    from mlsae_cache import write_array_cache
+    from mlsae_train import load_sae
+
+    config_path = tmp_path / "f.toml"
+    config_path.write_text(f'out = "{tmp_path / "out"}"\n[data]\ndataset = "text"\ntrain_tokens = 96\ntest_tokens = 32\n'
+                           '[train]\nbatch_tokens = 32\nlr = 1e-3\nprogress = false\nverify = false\n'
+                           '[[models]]\nname = "m"\n[[grid]]\nmodels = ["m"]\nexpansion_factor = 2\nk = 3\n'
+                           'arch = ["mlsae", "per-layer", "crosscoder"]\n')  # fmt: skip
+    generator = np.random.default_rng(0)
+    for split, tokens in (("train", 96), ("test", 32)):  # finished caches of the configured sizes: skipped
+        acts = generator.standard_normal((tokens, 2, 8)).astype(np.float32)
+        write_array_cache(tmp_path / "out" / "caches" / "m" / split, acts, layers=[1, 3], shard_tokens=48)
+    run = [str(config_path), "--in-process", "--stop-after", "train"]
+    assert sweep.main(run) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("  $ ")] == ["mlsae-train"] * 3
+    for name, arch in zip(("R2-k3", "R2-k3-per-layer", "R2-k3-crosscoder"), ("mlsae", "per-layer", "crosscoder")):
+        folder = tmp_path / "out" / "runs" / "m" / name
+        assert json.loads((folder / "config.json").read_text())["config"]["arch"] == arch
+        sae = load_sae(folder)
+        assert (sae.arch, sae.n_latents, sae.k, sae.layers) == (arch, 16, 3, [1, 3])
+    assert not (tmp_path / "out" / "analysis").exists() and not (tmp_path / "out" / "report").exists()
+    assert sweep.main(run) == 0  # again: every stage is done
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 5 and "$ " not in printed
+
+
+def test_stop_after_a_stage_no_run_has_is_one_line(tmp_path, capsys):
+    code = sweep.main([str(REPO / "sweeps" / "families.toml"), "--stop-after", "lens", "--set", f"out={tmp_path / 'out'}"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "--stop-after lens leaves no stage to run")
+    assert not (tmp_path / "out").exists()

@@ -18,12 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.parametrize("arch", ["mlsae", "per-layer", "crosscoder"])
+def test_two_gloo_processes_match_one(tmp_path, arch):
     rng = np.random.default_rng(0)
     features = rng.standard_normal((6, 16))
     codes = rng.random((512, 3, 6)) * (rng.random((512, 3, 6)) < 0.3)
     cache = write_array_cache(tmp_path / "c", (codes @ features).astype(np.float32), layers=[0, 1, 2], shard_tokens=100)
-    settings = {"expansion_factor": 4, "k": 3, "batch_tokens": 64, "dead_tokens": 128, "lr": 3e-3, "seed": 1}
+    settings = {"arch": arch, "expansion_factor": 4, "k": 3, "batch_tokens": 64, "dead_tokens": 128, "lr": 3e-3, "seed": 1}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,6 +39,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     train(TrainConfig(shards=[str(cache)], out=str(tmp_path / "one"), device="cpu", progress=False, **settings))
 
     two, one = load_sae(tmp_path / "ddp"), load_sae(tmp_path / "one")
+    assert two.arch == one.arch == arch
     for name in ("W_enc", "W_dec", "b_pre"):
         torch.testing.assert_close(getattr(two, name), getattr(one, name), rtol=1e-4, atol=1e-5, msg=name)
     rows = {

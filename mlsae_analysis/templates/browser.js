@@ -42,7 +42,8 @@
   var ctxTokenStart = starts(unpack(raw.ctx_length));  // [nContexts + 1] into ctxTokens
   var ctxTokens = unpack(raw.ctx_tokens);  // indices into vocab
   var ctxOffset = unpack(raw.ctx_offset);
-  var ctxLayer = unpack(raw.ctx_layer);  // position on the layer axis
+  var ctxLayer = raw.ctx_layer ? unpack(raw.ctx_layer) : null;  // position on the layer axis; null: per-token latents (crosscoder)
+  var layerLabel = raw.layer_label || "Distribution over layers, P(L | J = {latent})";
   var ctxActivation = unpack(raw.ctx_activation);
   var kNeighbours = raw.k_neighbours;
   var nbIndex = kNeighbours ? unpack(raw.nb_index) : null;  // [nLatents * k]
@@ -260,8 +261,10 @@
     for (var c = ctxStart[latent]; c < ctxStart[latent + 1]; c++) {
       var tokens = ctxTokens.subarray(ctxTokenStart[c], ctxTokenStart[c + 1]);
       var at = ctxOffset[c];
-      rows.push(el("div", { "class": "context", "data-layer": layers[ctxLayer[c]], "data-activation": ctxActivation[c].toFixed(3) }, [
-        el("span", { "class": "badge", title: "layer of this activation" }, ["layer " + layers[ctxLayer[c]]]),
+      var badge = ctxLayer ? el("span", { "class": "badge", title: "layer of this activation" }, ["layer " + layers[ctxLayer[c]]])
+                           : el("span", { "class": "badge", title: "the latent fired for this token, at every layer" }, ["all layers"]);
+      rows.push(el("div", { "class": "context", "data-layer": ctxLayer ? layers[ctxLayer[c]] : "all", "data-activation": ctxActivation[c].toFixed(3) }, [
+        badge,
         el("span", { "class": "act", title: "activation" }, [fmt(ctxActivation[c], 2)]),
         el("span", { "class": "left" }, [el("span", {}, [tokenText(tokens.subarray(0, at))])]),
         el("mark", {}, [tokenText(tokens.subarray(at, at + 1))]),
@@ -315,7 +318,7 @@
     detail.setAttribute("data-latent", latent);
     detail.appendChild(el("h3", { id: "detail-title" }, ["Latent " + latent]));
     detail.appendChild(el("p", { "class": "detail-stats" }, [stats]));
-    detail.appendChild(el("h4", {}, ["Distribution over layers, P(L | J = " + latent + ")"]));
+    detail.appendChild(el("h4", {}, [layerLabel.split("{latent}").join(String(latent))]));
     detail.appendChild(layerChart(latent));
     detail.appendChild(el("h4", {}, ["Top contexts (active token marked; badge: the layer it fired at)"]));
     detail.appendChild(contextsList(latent));
