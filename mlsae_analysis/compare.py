@@ -49,7 +49,6 @@ CLEAN_CE_RTOL = 1e-4
 MEAN_ROW = "mean"
 # what a stopped comparison leaves (nothing: --out appears only complete)
 NOTHING_KEPT = "nothing was kept (--out is written only once the comparison has finished); run the same command again"
-COMPARISON_FILE, MARKDOWN_FILE, FIGURE_STEM = "comparison.csv", "comparison.md", "comparison"
 
 
 def family_costs(arch: str, n_latents: int, k: int, n_layers: int, d_model: int) -> dict[str, int]:
@@ -385,10 +384,10 @@ def write_comparison(tables: ComparisonTables, out: Path, device: str = "cpu") -
     """Write the CSV, the markdown table, the figure and the matchings into ``out`` (created); returns
     the markdown (with a line per matching)."""
     out.mkdir(parents=True)
-    write_csv(tables.table, out / COMPARISON_FILE)
+    write_csv(tables.table, out / layout.COMPARISON)
     markdown = markdown_table(tables)
-    atomic_write_text(out / MARKDOWN_FILE, markdown)
-    plot_comparison(tables, out / FIGURE_STEM)
+    atomic_write_text(out / layout.COMPARISON_MARKDOWN, markdown)
+    plot_comparison(tables, out / layout.COMPARISON_FIGURE)
     matched = write_matchings(tables.runs, out, device)
     record_files(out)
     return markdown + "".join(f"\n{line}\n" for line in matched)

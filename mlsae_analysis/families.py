@@ -12,7 +12,7 @@ Every step of ``mlsae-analyse`` works on a dictionary's latents through one :cla
   whose SAE it belongs to (each of its latents fires only there).
 - A crosscoder latent fires for a TOKEN, writing to every layer at once: its rows carry no layer column
   (one that said 0 would be read as layer 0). Its layer profile comes from its decoder blocks
-  (crosscoder_layers.py), and the examples and the page show its contexts without a layer.
+  (family_layers.py), and the examples and the page show its contexts without a layer.
 - L0 and L1 are counted per vector (per (token, layer)) for the MLSAE and the per-layer suite and per
   token for the crosscoder (:attr:`AnalysedFamily.sparsity_unit`; metrics.csv names the columns
   ``l0``/``l1`` and ``l0_per_token``/``l1_per_token``).

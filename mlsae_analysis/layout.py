@@ -86,6 +86,15 @@ REPORT_VARIANCE_RATIOS_FIGURE = VARIANCE_RATIOS_FIGURE
 REPORT_HEATMAPS_FIGURE = "heatmaps"
 REPORT_PER_LAYER_FIGURE = "per_layer"
 
+# ----------------------------------------------------------------------------- a comparison folder (mlsae-analyse compare)
+
+COMPARISON = "comparison.csv"
+COMPARISON_MARKDOWN = "comparison.md"
+COMPARISON_FIGURE = "comparison"
+MATCH_PER_LAYER = "match_per_layer"
+MATCH_CROSSCODER = "match_crosscoder"
+"""Stems of the cross-dictionary matchings (matching.py): STEM.parquet, STEM.json, STEM.png and STEM.pdf."""
+
 
 def latent_part(index: int) -> str:
     """The ``index``-th part of the sparse latents; parts are numbered in token order."""

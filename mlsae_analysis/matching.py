@@ -51,9 +51,7 @@ from . import layout, plots
 from .files import write_parquet
 from .mmcs import max_cosine_to
 
-PER_LAYER_STEM = "match_per_layer"
-CROSSCODER_STEM = "match_crosscoder"
-STEMS = {"per-layer": PER_LAYER_STEM, "crosscoder": CROSSCODER_STEM}
+STEMS = {"per-layer": layout.MATCH_PER_LAYER, "crosscoder": layout.MATCH_CROSSCODER}
 """The file stem of a matching against each family (its ``arch``)."""
 SIM_PREFIX = "sim_layer_"
 DEFAULT_CHUNK = 1024

@@ -142,7 +142,8 @@ class _StopForward(Exception):
 class ResidualReader:
     """Reads the outputs of selected decoder blocks in one forward pass that stops after the last one.
 
-    ``read(input_ids)`` returns ``[batch, seq, n_selected_layers, d_model]`` float32-or-model-dtype.
+    ``read(input_ids)`` returns ``[batch, seq, n_selected_layers, d_model]`` float32-or-model-dtype;
+    ``read_each(input_ids, consume)`` hands each block's output over as the forward makes it.
     """
 
     model: nn.Module
@@ -156,18 +157,41 @@ class ResidualReader:
             raise MlsaeError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}; fix --layers")
         # the base model skips the unembedding, which is most of the cost for small models
         self.body = getattr(self.model, "base_model", self.model)
+        self._reused: dict[tuple, torch.Tensor] = {}  # read(reuse_output=True)'s output, by shape, dtype and device
 
     @torch.inference_mode()
-    def read(self, input_ids: torch.Tensor) -> torch.Tensor:
-        captured: dict[int, torch.Tensor] = {}
+    def read(self, input_ids: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
+        """The selected blocks' outputs for ``input_ids`` [batch, seq]: [batch, seq, L, d], each block's output
+        copied into its slot as the forward produces it.
+
+        ``reuse_output``: into the memory of the previous such call of the same shape, so the result is
+        valid only until the next one (the cache's shard loop: fresh memory costs a page fault per 4 KiB at
+        first touch, which took longer than the copy)."""
+        stacked: list[torch.Tensor] = []  # the output [batch, seq, L, d], made at the first selected block
+
+        def into_slot(slot: int, hidden: torch.Tensor) -> None:
+            if not stacked:
+                stacked.append(self._output_for(hidden, reuse_output))
+            stacked[0][:, :, slot].copy_(hidden)
+
+        self.read_each(input_ids, into_slot)
+        return stacked[0]
+
+    @torch.inference_mode()
+    def read_each(self, input_ids: torch.Tensor, consume: Callable[[int, torch.Tensor], None]) -> None:
+        """One forward over ``input_ids`` [batch, seq] that stops after the last selected block, calling
+        ``consume(slot, hidden)`` with each selected block's output [batch, seq, d] as it is made (``slot``:
+        the block's place in ``layers``), before the next block runs."""
+        slots: dict[int, list[int]] = {}
+        for slot, layer in enumerate(self.layers):
+            slots.setdefault(layer, []).append(slot)
         last = max(self.layers)
-        wanted = set(self.layers)
 
         def make_hook(layer: int) -> Callable:
             def hook(_module: nn.Module, _inputs, output) -> None:
                 hidden = output[0] if isinstance(output, (tuple, list)) else output  # [batch, seq, d]
-                if layer in wanted:
-                    captured[layer] = hidden
+                for slot in slots.get(layer, ()):
+                    consume(slot, hidden)
                 if layer == last:
                     raise _StopForward
 
@@ -181,7 +205,21 @@ class ResidualReader:
         finally:
             for handle in handles:
                 handle.remove()
-        return torch.stack([captured[layer] for layer in self.layers], dim=2)  # [batch, seq, L, d]
+
+    def release(self) -> None:
+        """Free the memory kept for ``read(reuse_output=True)``."""
+        self._reused.clear()
+
+    def _output_for(self, hidden: torch.Tensor, reuse: bool) -> torch.Tensor:
+        """An uninitialised [batch, seq, L, d] tensor like ``hidden`` [batch, seq, d]: kept for the next call if ``reuse``."""
+        shape = (*hidden.shape[:-1], len(self.layers), hidden.shape[-1])
+        if not reuse:
+            return hidden.new_empty(shape)
+        key = (shape, hidden.dtype, hidden.device)
+        if key not in self._reused:
+            self._reused.clear()  # one shape at a time (a shard's last batch may be smaller)
+            self._reused[key] = hidden.new_empty(shape)
+        return self._reused[key]
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,50 +25,13 @@ from tqdm import tqdm
 from . import shard_format as sf
 from . import token_filter as tf
 from .config import CacheConfig
+from .distributed import Distributed
 from .errors import MlsaeError, require_positive
 from .lens import Lens, load_lens_for_model
 from .lm import ResidualReader, context_length_of, d_model_of, load_model, load_tokenizer, n_layers_of, resolve_model_name
 from .staging import HostBuffers, ShardStager
 from .text import ReadAhead, iter_dataset_sequences, special_token_ids
 from .writer import CacheWriter, check_or_claim_directory, finalize_cache, holds_shards, read_stored_config, refuse_foreign_files
-
-
-@dataclass
-class Dist:
-    """This process's place among torchrun ranks (world_size 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    def init(self, device: str) -> None:
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def resolve_device(device: str, dist: Dist) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MlsaeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return f"cuda:{dist.local_rank}" if device == "cuda" else device
-    if device != "cpu":
-        raise MlsaeError(f"unknown --device {device}; use cpu, cuda or auto")
-    return device
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -109,8 +71,8 @@ def _batched(iterable: Iterator, n: int) -> Iterator[list]:
 
 def build_cache(config: CacheConfig) -> dict | None:
     """Write (or finish) the cache described by ``config``. Returns the manifest on rank 0."""
-    dist = Dist.from_env()
-    device = resolve_device(config.device, dist)
+    dist = Distributed.from_env(config.device, join=False)  # joined below, once the options are checked and the model is loaded
+    device = dist.device
     if config.format not in sf.FORMATS:
         raise MlsaeError(f"unknown --format {config.format}; use one of {', '.join(sf.FORMATS)}")
     if config.dtype not in sf.DTYPES:
@@ -154,7 +116,7 @@ def build_cache(config: CacheConfig) -> dict | None:
         "model_dtype": config.model_dtype,
         "token_filter": tf.identity_entry(config.skip_positions, config.max_norm_ratio, user_thresholds),
     }
-    dist.init(device)
+    dist.join()
     found = _FoundOut.look(out)
     try:
         if dist.rank == 0:
@@ -248,7 +210,7 @@ def open_sequences(config: CacheConfig, tokenizer) -> ReadAhead:
 
 
 def _write_shards(
-    config: CacheConfig, identity: dict, tokenizer, model, layers: list[int], lens: Lens | None, dist: Dist, stream: ReadAhead | None = None
+    config: CacheConfig, identity: dict, tokenizer, model, layers: list[int], lens: Lens | None, dist: Distributed, stream: ReadAhead | None = None
 ) -> tuple[int, int]:
     """Compute and write this rank's missing shards. Returns (number of shards, number of sequences).
 
@@ -261,6 +223,7 @@ def _write_shards(
     reader = ResidualReader(model, layers)
     device = next(model.parameters()).device
     buffers = HostBuffers()  # the shards' host buffers, used again once written
+    on_cpu = device.type == "cpu"  # the block outputs' memory is reused there (on a GPU the side-stream copy may still read it)
     special = torch.as_tensor(special_token_ids(tokenizer), dtype=torch.long, device=device)
     per_shard = identity["shard_sequences"]
     n_sequences_wanted = math.ceil(config.tokens / config.seq_len)
@@ -279,6 +242,9 @@ def _write_shards(
         return (acts if lens is None else lens.forward_stack(acts, layers)), ~torch.isin(ids, special)
 
     token_filter, thresholds = tf.run_filter(identity["token_filter"], out, first_batch)
+    # on a CPU, with nothing to compute from all layers at once (lens, norm filter), each block's output is cast
+    # straight into the shard's buffer as the forward makes it: the batch is never held as [B, S, L, d] float32
+    block_by_block = on_cpu and lens is None and token_filter is None
     bar = tqdm(total=n_sequences_wanted * config.seq_len, unit="tok", unit_scale=True, desc=f"cache[{dist.rank}]" if dist.world_size > 1 else "cache", disable=not config.progress)
     n_shards = n_sequences = 0
     started = time.perf_counter()
@@ -289,18 +255,24 @@ def _write_shards(
             if shard_index % dist.world_size != dist.rank or writer.is_done(shard_index):
                 bar.update(len(shard_seqs) * config.seq_len)
                 continue
-            # cast, statistics and the copy to the host happen on the device (staging.py); the writer's threads
-            # checksum and write the shard while the next one is computed
+            # cast, statistics and the copy to the host happen on the device (staging.py); the shard's writing thread
+            # writes each batch while the next one is computed, then completes, checksums and fsyncs the file
             shard_counts = tf.FilterCounts(0, 0, [0] * len(layers))
-            stager = ShardStager(len(shard_seqs) * config.seq_len, len(layers), identity["d_model"], config.dtype, device, buffers)
+            shard = writer.open_shard(shard_index)  # each batch's rows are written while the next is computed
+            stager = ShardStager(len(shard_seqs) * config.seq_len, len(layers), identity["d_model"], config.dtype, device, buffers, sink=shard.append)
             for offset in range(0, len(shard_seqs), config.batch_size):
                 batch = shard_seqs[offset : offset + config.batch_size]
                 batch_ids = np.stack(batch).astype(np.int64)  # [B, S]
                 ids = torch.as_tensor(batch_ids, device=device)
-                acts = reader.read(ids)  # [B, S, L, d] in the model's dtype
+                keep = ~torch.isin(ids, special)  # [B, S] tokens to store: special tokens never are
+                if block_by_block:
+                    with stager.adding_layers(keep, first_sequence + offset, batch_ids) as stage:
+                        reader.read_each(ids, stage)
+                    bar.update(len(batch) * config.seq_len)
+                    continue
+                acts = reader.read(ids, reuse_output=on_cpu)  # [B, S, L, d] in the model's dtype (on a CPU: valid until the next read)
                 if lens is not None:
                     acts = lens.forward_stack(acts.float(), layers)
-                keep = ~torch.isin(ids, special)  # [B, S] tokens to store: special tokens never are
                 if token_filter is not None:  # and, if asked, neither the first positions nor tokens of outlying norm
                     keep, counts = token_filter.keep(keep, acts)
                     shard_counts = shard_counts.add(counts)
@@ -309,7 +281,9 @@ def _write_shards(
             content, stats = stager.finish()
             if token_filter is not None:  # this shard's counts travel in its sidecar, so a resume keeps them
                 content.sidecar_extra = {tf.SIDECAR_KEY: tf.sidecar_entry(shard_counts, thresholds)}
-            writer.submit(shard_index, content, stats, done=functools.partial(buffers.give_back, stager.host))
+            shard.finish(content, stats, done=functools.partial(buffers.give_back, stager.host))
+        acts = None
+        reader.release()  # its kept output is freed (10-30 ms for 100 MB here) while the last shard is written
         writer.close()
     except BaseException:
         writer.abort()  # a shard still being written must land (or not) before the caller cleans up

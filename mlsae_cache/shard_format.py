@@ -22,23 +22,26 @@ random tokens without decoding. bfloat16 has no numpy dtype: it is stored as its
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
 import json
+import os
 import tarfile
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import blake3
 import h5py
 import numpy as np
 import torch
 
-from .atomic import atomic_write, atomic_write_json  # noqa: F401 - the writer imports atomic_write_json from here
+from .atomic import _UMASK, atomic_write_json  # noqa: F401 - the writer imports atomic_write_json from here
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -422,49 +425,226 @@ class ShardContent:
 def write_shard(path: Path, content: ShardContent, fmt: str, dtype: str) -> str:
     """Write one shard file atomically (temporary name, then rename); returns its ``SHARD_CHECKSUM`` digest.
 
-    The digest is of the file's bytes, hashed from memory for the activations (all but a few bytes a
-    token) and read back only for the rest, so the shard is not read again after it is written.
+    The same file as a :class:`ShardFile` given the shard in parts as they are computed."""
+    shard = open_shard_file(path, fmt, dtype)
+    try:
+        shard.append(content)
+    except BaseException:
+        shard.discard()
+        raise
+    return shard.commit(content)
+
+
+def open_shard_file(path: Path, fmt: str, dtype: str) -> "ShardFile":
+    """A new, empty :class:`ShardFile` of format ``fmt`` that becomes ``path`` when committed."""
+    return {"hdf5": HDF5ShardFile, "webdataset": TarShardFile}[fmt](path, dtype)
+
+
+class ShardFile:
+    """A shard file written while its shard is computed: ``append`` its parts (runs of whole sequences, in
+    order) as they come, then ``commit`` it (fsync, rename into place) or ``discard`` it.
+
+    Until committed it lives under a temporary name beside ``path`` (``.NAME.XXXX.tmp``, which the next run
+    drops if this one is killed), so a shard under its own name is always whole. A shard appended in one
+    part or in many is the same file, byte for byte. Its digest is taken from the activations in memory,
+    not read back: the arrays of every part must stay unchanged until ``commit`` returns.
     """
-    digest: list[str] = []
-    if fmt == "hdf5":
 
-        def write(tmp: str) -> None:
-            _write_hdf5(Path(tmp), content, dtype)
-            digest.append(_hdf5_digest(Path(tmp), content.acts))
+    def __init__(self, path: Path, dtype: str) -> None:
+        self.path, self.dtype = Path(path), dtype
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.fd, self.tmp = fd, Path(tmp)
+        self.n_rows = 0  # activation rows appended so far
 
-    else:
+    def append(self, part: ShardContent) -> None:
+        """Write the next sequences of the shard (``part``: their stored tokens and model input)."""
+        raise NotImplementedError
 
-        def write(tmp: str) -> None:
-            digest.append(_write_tar(Path(tmp), content))
+    def _complete(self, content: ShardContent) -> None:
+        """Write whatever the file still lacks once every part is in (``content``: the whole shard)."""
+        raise NotImplementedError
 
-    atomic_write(path, write)
-    return digest[0]
+    def _digest(self, content: ShardContent) -> str:
+        """The ``SHARD_CHECKSUM`` digest of the completed file."""
+        raise NotImplementedError
+
+    def commit(self, content: ShardContent) -> str:
+        """Complete the file for ``content`` (the whole shard: the parts appended, joined), fsync it and rename
+        it into place; returns its digest. The fsync runs while the digest is computed (it waits on the disk,
+        the digest on the CPU). On any error the temporary file is removed and ``path`` is untouched."""
+        try:
+            if content.acts.shape[0] != self.n_rows:
+                raise ValueError(f"{self.path.name}: {self.n_rows} activation rows were appended, the shard has {content.acts.shape[0]}")
+            self._complete(content)
+            os.chmod(self.tmp, 0o666 & ~_UMASK)
+            synced = _in_thread(os.fsync, self.fd)
+            try:
+                digest = self._digest(content)
+            finally:
+                synced()  # the file is not closed (or removed) under a running fsync
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return digest
+
+    def discard(self) -> None:
+        """Drop the temporary file (after an error, or a run that stops before the shard is whole)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+def _in_thread(function, *args) -> Any:
+    """Start ``function(*args)`` in a new thread; returns a callable that waits for it and re-raises its error."""
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            function(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the waiting caller
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="mlsae-fsync", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if error:
+            raise error[0]
+
+    return wait
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_file_range() -> Any:
+    """Linux's sync_file_range(2) from the C library, or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing bytes [offset, offset + nbytes) of ``fd`` to the disk now, without
+    waiting (SYNC_FILE_RANGE_WRITE): the parts written while the next batches are computed are then on
+    the disk by the time the shard is fsynced, which waits only for the rest. Durability still rests on
+    that fsync alone; where the call does not exist or fails, nothing happens."""
+    function = _sync_file_range()
+    if function is not None and nbytes > 0:
+        function(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _as_bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
+
+
+class HDF5ShardFile(ShardFile):
+    """An HDF5 shard: each part's activations are written straight to their place in the file (the dataset's
+    offset does not depend on the number of rows, :func:`hdf5_activations_offset`), the HDF5 structure and
+    identity columns around them at ``commit`` (:func:`_write_hdf5`)."""
+
+    def append(self, part: ShardContent) -> None:
+        n, n_layers, d_model = part.acts.shape
+        if n:
+            row_bytes = n_layers * d_model * STORAGE_NUMPY[self.dtype].itemsize
+            start = hdf5_activations_offset(self.dtype, n_layers, d_model) + self.n_rows * row_bytes
+            _pwrite_all(self.fd, _as_bytes(part.acts), start)
+            _start_writeback(self.fd, start, n * row_bytes)
+        self.n_rows += n
+
+    def _complete(self, content: ShardContent) -> None:
+        _write_hdf5(self.tmp, content, self.dtype)
+
+    def _digest(self, content: ShardContent) -> str:
+        return _hdf5_digest(self.tmp, content.acts)
+
+
+def _create_hdf5_layout(f: h5py.File, c: ShardContent, shape: tuple[int, ...], dtype: str) -> int | None:
+    """Create a shard's datasets in ``f``; the activations [shape] are allocated, never filled. Returns their offset."""
+    # contiguous, uncompressed: the reader memory-maps this dataset directly. Its space is allocated now and
+    # never filled: its bytes are written outside h5py (and its global lock), by HDF5ShardFile.append.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # the same content gives the same bytes (resumed runs are bit-identical)
+    space = h5py.h5s.create_simple(shape)
+    offset = h5py.h5d.create(f.id, b"activations", h5py.h5t.py_create(STORAGE_NUMPY[dtype]), space, dcpl=dcpl).get_offset()
+    f.create_dataset("sequence", data=c.sequence.astype("<i8"))
+    f.create_dataset("position", data=c.position.astype("<i4"))
+    f.create_dataset("token_id", data=c.token_id.astype("<i4"))
+    f.create_dataset("input_sequence", data=c.input_sequence.astype("<i8"))
+    f.create_dataset("input_ids", data=c.input_ids.astype("<i4"))
+    f.attrs["dtype"] = dtype
+    f.attrs["format_version"] = FORMAT_VERSION
+    return offset
+
+
+_probe_lock = threading.Lock()  # HDF5 refuses a second in-memory file of the same name while one is open
+
+
+@functools.lru_cache(maxsize=None)
+def hdf5_activations_offset(dtype: str, n_layers: int, d_model: int) -> int:
+    """Where the activations [n, n_layers, d_model] of ``dtype`` start in a shard file, for any n > 0: what
+    precedes them (superblock, root group, the dataset's header) does not depend on n, which the dataset's
+    header records in fixed-width fields. :func:`_write_hdf5` checks it for every shard all the same."""
+    empty = ShardContent(np.zeros((0, n_layers, d_model), STORAGE_NUMPY[dtype]), np.zeros(0, np.int64), np.zeros(0, np.int32),
+                         np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 1), np.int32))  # fmt: skip
+    with _probe_lock, h5py.File("activations-offset-probe", "w", driver="core", backing_store=False, libver="latest") as f:
+        offset = _create_hdf5_layout(f, empty, (1, n_layers, d_model), dtype)
+    assert offset is not None
+    return offset
+
+
+def hdf5_layout_scratch(path: Path) -> Path:
+    """The scratch file :func:`_write_hdf5` makes beside ``path`` (``.shard-N.h5.XXXX.layout.tmp`` beside a
+    shard's temporary file: one of the cache's temporary files, which the next run drops if this one is killed)."""
+    return path.with_name(f"{path.name.removesuffix('.tmp')}.layout.tmp")
 
 
 def _write_hdf5(path: Path, c: ShardContent, dtype: str) -> None:
-    acts = np.ascontiguousarray(c.acts)
-    with h5py.File(path, "w", libver="latest") as f:
-        # contiguous, uncompressed: the reader memory-maps this dataset directly. Its space is allocated
-        # now and never filled, and its bytes are written below outside h5py's global lock, so that the
-        # writer's threads write several shards at once.
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        dcpl.set_obj_track_times(False)  # the same content gives the same bytes (resumed runs are bit-identical)
-        space = h5py.h5s.create_simple(acts.shape)
-        offset = h5py.h5d.create(f.id, b"activations", h5py.h5t.py_create(acts.dtype), space, dcpl=dcpl).get_offset()
-        f.create_dataset("sequence", data=c.sequence.astype("<i8"))
-        f.create_dataset("position", data=c.position.astype("<i4"))
-        f.create_dataset("token_id", data=c.token_id.astype("<i4"))
-        f.create_dataset("input_sequence", data=c.input_sequence.astype("<i8"))
-        f.create_dataset("input_ids", data=c.input_ids.astype("<i4"))
-        f.attrs["dtype"] = dtype
-        f.attrs["format_version"] = FORMAT_VERSION
-    if acts.size:
-        with open(path, "r+b") as raw:
-            raw.seek(offset)
-            raw.write(memoryview(acts).cast("B"))
+    """Complete the file ``path`` as the HDF5 shard of ``c``, whose activations are already in it at
+    :func:`hdf5_activations_offset` (written by ``HDF5ShardFile.append``).
+
+    h5py writes the structure and identity columns to a scratch file beside it (sparse: the activations'
+    space is allocated, never written); its bytes before and after the activations are copied into ``path``,
+    which then holds exactly the file h5py and a raw write of the activations would have made together."""
+    acts = c.acts
+    scratch = hdf5_layout_scratch(path)
+    try:
+        with h5py.File(scratch, "w", libver="latest") as f:
+            offset = _create_hdf5_layout(f, c, acts.shape, dtype)
+        with open(scratch, "rb") as layout, open(path, "r+b") as out:
+            size = os.fstat(layout.fileno()).st_size
+            if acts.size == 0:  # no activations: the scratch file is the shard
+                head_end = tail_start = size
+            else:
+                head_end, tail_start = offset, offset + acts.nbytes
+                if offset != hdf5_activations_offset(dtype, *acts.shape[1:]):  # not where append put them
+                    out.seek(offset)
+                    out.write(_as_bytes(acts))
+            out.seek(0)
+            out.write(layout.read(head_end))
+            layout.seek(tail_start)
+            out.seek(tail_start)
+            while chunk := layout.read(1 << 22):
+                out.write(chunk)
+            out.truncate(size)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _hdf5_digest(path: Path, acts: np.ndarray) -> str:
@@ -478,7 +658,7 @@ def _hdf5_digest(path: Path, acts: np.ndarray) -> str:
                 hasher.update(chunk)
             return hasher.hexdigest()
         hasher.update(raw.read(offset))  # the metadata before the activations
-        hasher.update(memoryview(np.ascontiguousarray(acts)).cast("B"))
+        hasher.update(_as_bytes(acts))
         raw.seek(offset + acts.nbytes)
         while chunk := raw.read(1 << 22):  # the identity columns and metadata after them
             hasher.update(chunk)
@@ -505,17 +685,24 @@ class _HashingWriter:
         return self.raw.tell()
 
 
-def _write_tar(path: Path, c: ShardContent) -> str:
-    """WebDataset layout: one sample per sequence, keyed by the zero-padded sequence index.
+class TarShardFile(ShardFile):
+    """WebDataset layout: one sample per sequence, keyed by the zero-padded sequence index, written and
+    hashed as each part is appended (a tar is written strictly in order).
 
     Members: ``<key>.acts.npy`` [n_kept, n_layers, d], ``<key>.tokens.npy`` [n_kept, 3] int64
     (sequence, position, token id) and ``<key>.input_ids.npy`` [seq_len] int32 (the model input).
-    Streaming consumers read samples with any WebDataset loader. Returns the file's ``SHARD_CHECKSUM``.
+    Streaming consumers read samples with any WebDataset loader.
     """
-    # kept tokens of sequence input_sequence[i] are rows bounds[i]:bounds[i+1]
-    bounds = np.searchsorted(c.sequence, np.r_[c.input_sequence, np.iinfo(np.int64).max])
-    hasher = new_hasher(SHARD_CHECKSUM)
-    with open(path, "wb") as raw, tarfile.open(fileobj=_HashingWriter(raw, hasher), mode="w", format=tarfile.USTAR_FORMAT) as tar:
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        super().__init__(path, dtype)
+        self._hasher = new_hasher(SHARD_CHECKSUM)
+        self._raw = open(self.fd, "wb", closefd=False)  # noqa: SIM115 - closed in _complete / discard
+        self._tar = tarfile.open(fileobj=_HashingWriter(self._raw, self._hasher), mode="w", format=tarfile.USTAR_FORMAT)
+
+    def append(self, c: ShardContent) -> None:
+        # kept tokens of sequence input_sequence[i] are rows bounds[i]:bounds[i+1]
+        bounds = np.searchsorted(c.sequence, np.r_[c.input_sequence, np.iinfo(np.int64).max])
         for i, seq in enumerate(c.input_sequence):
             start, end = bounds[i], bounds[i + 1]
             key = f"{int(seq):09d}"
@@ -526,8 +713,19 @@ def _write_tar(path: Path, c: ShardContent) -> str:
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
                 info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return hasher.hexdigest()
+                self._tar.addfile(info, io.BytesIO(data))
+        self.n_rows += c.acts.shape[0]
+
+    def _complete(self, content: ShardContent) -> None:
+        self._tar.close()  # the end-of-archive blocks
+        self._raw.close()
+
+    def _digest(self, content: ShardContent) -> str:
+        return self._hasher.hexdigest()
+
+    def discard(self) -> None:
+        self._raw.close()
+        super().discard()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,7 +827,3 @@ class _ConcatRows:
             local = rows[sel] - self.starts[p]
             out[sel] = self.parts[p][local] if layers is None else self.parts[p][local[:, None], layers[None, :]]
         return out
-
-
-def iter_shard_files(root: Path) -> Iterator[Path]:
-    yield from sorted((Path(root) / SHARD_DIR).glob("shard-*"))

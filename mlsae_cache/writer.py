@@ -1,6 +1,7 @@
 """Writing a cache: shards in background threads, sidecars after shards, the manifest last.
 
-The writer knows nothing about language models: it takes finished arrays per shard. ``CacheWriter``
+The writer knows nothing about language models: it takes the arrays of each shard, whole or in parts
+of whole sequences as they are computed. ``CacheWriter``
 is driven by the activation runner (``mlsae_cache.runner``) and by ``write_array_cache`` (synthetic
 caches for tests and benchmarks).
 """
@@ -133,29 +134,28 @@ def _remove_cache_files(root: Path) -> None:
 
 
 class CacheWriter:
-    """Writes the shards of one cache directory in a small pool of threads; one instance per process (rank).
+    """Writes the shards of one cache directory, each in a thread of its own; one instance per process (rank).
 
-    Each shard is written, checksummed and fsynced by one thread, its sidecar after it, so shards finish
-    in any order but each one is a pure function of its content: the files are those of a serial run.
+    A shard is written while it is computed: ``open_shard`` gives a :class:`ShardWriting` whose parts
+    (batches of whole sequences) are written in order by its thread as they are handed over, and whose
+    ``finish`` completes, checksums and fsyncs the file, then writes its sidecar. ``submit`` hands a whole
+    shard over at once. Shards finish in any order but each one is a pure function of its content: the
+    files are those of a serial run.
     """
 
     def __init__(self, root: Path, config: dict[str, Any], queue_depth: int = 2, threads: int | None = None) -> None:
+        """At most ``threads + queue_depth`` shards are being written at once (each holds its activations in
+        memory until written): ``open_shard`` waits for one to finish beyond that."""
         self.root = Path(root)
         self.config = config
         self.fmt: str = config["format"]
         self.dtype: str = config["dtype"]
         self.shard_dir = self.root / sf.SHARD_DIR
-        # shards handed over but not yet taken by a thread (each holds a shard's activations in memory)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        self._slots = threading.BoundedSemaphore((threads or io_threads()) + queue_depth)
+        self._writings: list[ShardWriting] = []
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
-        self._stopping = False  # set by abort(): the threads drop what is still queued
-        self._stopped = False  # the threads were told to stop (one sentinel each, sent once)
-        self._threads = [
-            threading.Thread(target=self._work, name=f"mlsae-shard-writer-{i}", daemon=True) for i in range(threads or io_threads())
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._stopping = False  # set by abort(): what is not being written yet is dropped
 
     # -- which shards exist
 
@@ -171,17 +171,22 @@ class CacheWriter:
 
     # -- writing
 
+    def open_shard(self, index: int) -> "ShardWriting":
+        """Start writing shard ``index``: hand its parts over with ``append`` as they are computed, then call
+        ``finish``. Waits while ``threads + queue_depth`` shards are being written."""
+        self._raise_pending()
+        self._slots.acquire()
+        writing = ShardWriting(self, index)
+        self._writings = [w for w in self._writings if w.thread.is_alive()] + [writing]
+        return writing
+
     def submit(
         self, index: int, content: sf.ShardContent, stats: dict[str, Any] | None = None, done: Callable[[], None] | None = None
     ) -> None:
-        """Hand a shard over for writing; blocks while ``queue_depth`` shards are already waiting.
-
-        ``stats``: the shard's statistic sums (``sf.LayerStatSums.to_json()``) when the caller gathered
-        them on its device; computed from ``content.acts`` in the writing thread otherwise. ``done`` is
-        called (in the writing thread) once ``content`` is no longer needed, written or not.
-        """
-        self._raise_pending()
-        self._queue.put((index, content, stats, done))
+        """Hand a whole shard over for writing (``ShardWriting.finish`` says what ``stats`` and ``done`` are)."""
+        writing = self.open_shard(index)
+        writing.append(content)
+        writing.finish(content, stats, done)
 
     def close(self) -> None:
         """Wait until every shard handed over is on disk; re-raise the first error of a writing thread."""
@@ -189,18 +194,17 @@ class CacheWriter:
         self._raise_pending()
 
     def abort(self) -> None:
-        """After a failure: finish the shards being written now, drop those still queued, and return only
-        once no thread writes any more, so that the caller's clean-up never races a late rename."""
+        """After a failure: finish the shards being committed now, drop the rest (their temporary files
+        too), and return only once no thread writes any more, so that the caller's clean-up never races a
+        late rename."""
         self._stopping = True
         self._stop_threads()
 
     def _stop_threads(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            for _ in self._threads:
-                self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
+        for writing in self._writings:
+            writing._steps.put(None)  # a shard never finished (a run stopped half-way) is dropped
+        for writing in self._writings:
+            writing.thread.join()
 
     def _raise_pending(self) -> None:
         with self._error_lock:
@@ -208,25 +212,13 @@ class CacheWriter:
         if error is not None:
             raise error
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            index, content, stats, done = item
-            try:
-                if self._error is None and not self._stopping:  # after an error, drain: the first is reported, nothing more is written
-                    self._write(index, content, stats)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                with self._error_lock:
-                    self._error = self._error or exc
-            finally:
-                if done is not None:
-                    done()
+    def _failed(self, exc: BaseException) -> None:
+        with self._error_lock:
+            self._error = self._error or exc
+            self._stopping = True  # after an error nothing more is written: the first is reported
 
-    def _write(self, index: int, content: sf.ShardContent, stats: dict[str, Any] | None) -> None:
+    def _write_sidecar(self, index: int, content: sf.ShardContent, digest: str, stats: dict[str, Any] | None) -> None:
         path = self.shard_path(index)
-        digest = sf.write_shard(path, content, self.fmt, self.dtype)
         sidecar = {
             "index": index,
             "file": path.name,
@@ -239,6 +231,63 @@ class CacheWriter:
         }
         sidecar.update(content.sidecar_extra or {})  # e.g. token_filter's counts
         sf.atomic_write_json(self.sidecar_path(index), sidecar)
+
+
+class ShardWriting:
+    """One shard being written by its own thread, which takes the steps handed to it in order."""
+
+    def __init__(self, writer: CacheWriter, index: int) -> None:
+        self.writer, self.index = writer, index
+        self._steps: queue.Queue = queue.Queue()  # ("append", part, ready), ("finish", content, stats, done); None: stop
+        self.thread = threading.Thread(target=self._work, name=f"mlsae-shard-writer-{index}", daemon=True)
+        self.thread.start()
+
+    def append(self, part: sf.ShardContent, ready: Callable[[], None] | None = None) -> None:
+        """Write ``part`` (the next sequences of the shard) once ``ready()`` returns (e.g. a copy from the GPU
+        is done). Its arrays must stay unchanged until ``finish``'s ``done`` is called."""
+        self.writer._raise_pending()
+        self._steps.put(("append", part, ready))
+
+    def finish(self, content: sf.ShardContent, stats: dict[str, Any] | None = None, done: Callable[[], None] | None = None) -> None:
+        """Complete the shard: ``content`` is all of it (the parts appended, joined); ``stats`` its statistic sums
+        (``sf.LayerStatSums.to_json()``) when the caller gathered them on its device, computed from
+        ``content.acts`` here otherwise. ``done`` is called (in the writing thread) once the arrays of
+        ``content`` and of the parts are no longer needed, written or not."""
+        self._steps.put(("finish", content, stats, done))
+
+    def _work(self) -> None:
+        writer, shard = self.writer, None
+        try:
+            while (step := self._steps.get()) is not None:
+                kind, *args = step
+                if kind == "append":
+                    part, ready = args
+                    if writer._stopping:
+                        continue
+                    try:
+                        if ready is not None:
+                            ready()
+                        shard = shard or sf.open_shard_file(writer.shard_path(self.index), writer.fmt, writer.dtype)
+                        shard.append(part)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                        writer._failed(exc)
+                    continue
+                content, stats, done = args
+                try:
+                    if not writer._stopping:
+                        shard = shard or sf.open_shard_file(writer.shard_path(self.index), writer.fmt, writer.dtype)
+                        digest, shard = shard.commit(content), None
+                        writer._write_sidecar(self.index, content, digest, stats)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    writer._failed(exc)
+                finally:
+                    if done is not None:
+                        done()
+                return
+        finally:
+            if shard is not None:  # stopped, or failed, before the shard was whole
+                shard.discard()
+            writer._slots.release()
 
 
 def finalize_cache(root: Path, config: dict[str, Any], n_shards: int, extra: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from mlsae_cache.atomic import atomic_write_text
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.integrity import RECORD_FILE, record_files
+from mlsae_cache.integrity import RECORD_FILE, record_files, verified
 from mlsae_cache.path_kinds import is_cache_dir, is_run_dir
 
 from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SAE_FILE, load_checkpoint, read_progress, save_checkpoint, save_sae
@@ -58,6 +58,8 @@ def _check_run_dir(run: Path, config: TrainConfig, info: dict) -> Path | None:
     if not saved_config_file.exists() or not is_run_dir(run):
         raise MlsaeError(f"--resume: {run} holds no run to resume; drop --resume to start one there")
     try:
+        # checked before its settings are compared: a flipped byte could otherwise pass for another setting
+        verified(saved_config_file, "the run cannot be resumed; choose another --out to start afresh (or restore the file)")
         saved = json.loads(saved_config_file.read_text())
     except ValueError:
         raise MlsaeError(f"--resume: {saved_config_file} is not valid JSON; choose another --out to start afresh") from None

@@ -5,8 +5,8 @@
 Side by side, in one run, on the same disk (the folder of --dir, default a temporary one):
 
 (a) writer path: what ``mlsae-cache`` does after each forward (cast to float16, per-layer float64
-    statistics, the copy to the shard's buffer, then checksum + HDF5 write + fsync in the writer's
-    threads), fed float32 tensors of pythia-70m batches [B, 2048, 6, 512] with one special token per
+    statistics, the copy to the shard's buffer and its write to the shard file in the shard's writing
+    thread; then checksum + fsync once the shard is whole), fed float32 tensors of pythia-70m batches [B, 2048, 6, 512] with one special token per
     sequence left out; against
 (b) raw write: h5py writing the same float16 arrays contiguously, the same files, then fsync.
 (c) reader: the trainer's ``Prefetcher`` (``ActivationDataset`` + ``BatchOrder``), random batches of
@@ -133,17 +133,18 @@ def run_writer(root: Path, args, data, threads: int) -> tuple[float, int]:
     check_or_claim_directory(root, config, overwrite=False)
     started = time.perf_counter()
     writer = CacheWriter(root, config, threads=threads)
-    stager, n_shards, stored = None, 0, 0
+    stager, shard, n_shards, stored = None, None, 0, 0
     for first in range(0, args.sequences, args.batch):
         if first % args.shard_sequences == 0:
             if stager is not None:
                 stored += stager.n_tokens
-                writer.submit(n_shards, *stager.finish(), done=lambda host=stager.host: BUFFERS.give_back(host))
+                shard.finish(*stager.finish(), done=lambda host=stager.host: BUFFERS.give_back(host))
                 n_shards += 1
-            stager = ShardStager(args.shard_sequences * args.seq_len, N_LAYERS, D_MODEL, "float16", "cpu", BUFFERS)
+            shard = writer.open_shard(n_shards)  # as mlsae-cache: each batch is written once staged
+            stager = ShardStager(args.shard_sequences * args.seq_len, N_LAYERS, D_MODEL, "float16", "cpu", BUFFERS, sink=shard.append)
         stager.add(acts, keep, first, input_ids)
     stored += stager.n_tokens
-    writer.submit(n_shards, *stager.finish(), done=lambda host=stager.host: BUFFERS.give_back(host))
+    shard.finish(*stager.finish(), done=lambda host=stager.host: BUFFERS.give_back(host))
     writer.close()
     seconds = time.perf_counter() - started
     finalize_cache(root, config, n_shards + 1, {"n_sequences": args.sequences, "n_model_tokens": args.sequences * args.seq_len, "world_size": 1})

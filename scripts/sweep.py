@@ -20,7 +20,8 @@ skipped, the sweep goes on and exits non-zero at the end.
 The report is rewritten only when the set of analysed runs (or one of their summaries) changed.
 
 Layout under ``out``: ``caches/MODEL[-lens]/{train,test}``, ``lenses/MODEL``, ``runs/MODEL/R..-k..[-lens][-ARCH]``,
-``analysis/MODEL/R..-k..[-lens][-ARCH]``, ``report``.
+``analysis/MODEL/R..-k..[-lens][-ARCH]``, ``compare/MODEL/R..-k..[-lens]`` (``mlsae-analyse compare`` of the
+families of one model, R, k and lens, with cross-dictionary matching), ``report``.
 """
 
 from __future__ import annotations
@@ -373,10 +374,46 @@ TOKEN_ID_BYTES = 16  # per stored token: sequence, position, token id (measured:
 LATENT_ROW_BYTES = 18  # one latents parquet row before compression: token i64, layer i16, latent i32, activation f32
 GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"}
 
-# The assumptions behind every time estimate (no GPU measured them: see the README)
+# The assumptions behind every time estimate. Where scripts/gpu_check.py has measured a rate on a GPU
+# (benchmarks/gpu.json), the estimates use it instead (measured_rates); see the README.
 H100_BF16_PEAK = 989e12  # FLOP/s, dense, SXM
 ASSUMED_UTILISATION = 0.30
 ASSUMED_DISK_BYTES_PER_S = 2e9  # one NVMe drive, sequential
+GPU_FIGURES = REPO / "benchmarks" / "gpu.json"
+
+
+@dataclass(frozen=True)
+class MeasuredRates:
+    """Effective FLOP/s measured by scripts/gpu_check.py on one GPU: the whole training step (sae_train_flops'
+    count over the step time, bfloat16 kernel) per width d, and the cache's bare LM forward (forward_flops'
+    count over its time, pythia-70m's shape)."""
+
+    device: str
+    date: str
+    sae_by_width: dict[int, float]
+    forward: float | None
+
+    def sae(self, d_model: int) -> float:
+        """At the largest measured width up to d_model (the smallest above it if none): the rate grows with d."""
+        below = [d for d in self.sae_by_width if d <= d_model]
+        return self.sae_by_width[max(below) if below else min(self.sae_by_width)]
+
+
+def measured_rates(path: Path = GPU_FIGURES) -> MeasuredRates | None:
+    """The rates in ``path`` (None when it is missing, unreadable or holds no training measurement)."""
+    try:
+        report = json.loads(path.read_text())
+        by_name = {m["name"]: m for m in report["measurements"] if m.get("status") == "measured"}
+        train = by_name["train_throughput"]["figures"]
+        sae = {row["d"]: row["vectors_per_s"] * sae_vector_flops(row["d"], train["R"] * row["d"], train["k"])
+               for row in train["steps"] if row["kernel"] == "bfloat16"}  # fmt: skip
+        cache = by_name.get("cache_throughput", {}).get("figures", {})
+        forward = cache.get("forward_tokens_per_s") and cache["forward_tokens_per_s"] * forward_flops(1, PYTHIA["pythia-70m"], cache["batch"][1])
+        if not sae:
+            return None
+        return MeasuredRates(report["device"].get("name", report["device"]["type"]), report["date"][:10], sae, forward)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def model_shape(model: str) -> ModelShape | None:
@@ -413,17 +450,37 @@ def forward_flops(tokens: int, shape: ModelShape, seq_len: int) -> float:
     return tokens * (2 * shape.params + 2 * shape.n_layers * seq_len * shape.d_model)
 
 
+def sae_vector_flops(d: int, n: int, k: int) -> float:
+    """One (token, layer) vector of a training step: the dense encoder (2 d n) dominates; the decoder and the
+    encoder's gradient touch only the k active latents (8 k d), AuxK the k_aux ~ d/2 dead ones (6 k_aux d)."""
+    return 2 * d * n + 8 * k * d + 6 * (d // 2) * d
+
+
 def sae_train_flops(tokens: int, shape: ModelShape, expansion_factor: int, k: int) -> float:
-    """One MLSAE epoch: per vector the dense encoder (2 d n) dominates; the decoder and the encoder's
-    gradient touch only the k active latents (8 k d), AuxK the k_aux ~ d/2 dead ones (6 k_aux d)."""
-    d, n = shape.d_model, expansion_factor * shape.d_model
-    per_vector = 2 * d * n + 8 * k * d + 6 * (d // 2) * d
-    return tokens * shape.n_layers * per_vector
+    """One MLSAE epoch: sae_vector_flops for every (token, layer) vector."""
+    return tokens * shape.n_layers * sae_vector_flops(shape.d_model, expansion_factor * shape.d_model, k)
 
 
-def gpu_seconds(flops: float, disk_bytes: float = 0.0) -> float:
-    """Time on one H100 at the assumed utilisation, or to stream ``disk_bytes``, whichever is longer."""
-    return max(flops / (H100_BF16_PEAK * ASSUMED_UTILISATION), disk_bytes / ASSUMED_DISK_BYTES_PER_S)
+def gpu_seconds(flops: float, disk_bytes: float = 0.0, rate: float | None = None) -> float:
+    """Time to do ``flops`` at ``rate`` FLOP/s (default: one H100 at the assumed utilisation), or to stream
+    ``disk_bytes``, whichever is longer."""
+    return max(flops / (rate or H100_BF16_PEAK * ASSUMED_UTILISATION), disk_bytes / ASSUMED_DISK_BYTES_PER_S)
+
+
+def sae_rate(shape: ModelShape, rates: MeasuredRates | None) -> float | None:
+    """The training rate for ``shape``'s width: measured where gpu.json has it, else None (the assumption)."""
+    return rates.sae(shape.d_model) if rates else None
+
+
+def estimate_basis(rates: MeasuredRates | None) -> str:
+    """What the time estimates assume, in words (for --dry-run and the size table)."""
+    assumed = f"one H100 at {ASSUMED_UTILISATION:.0%} of its bf16 peak"
+    if rates is None:
+        return f"{assumed}, reading or writing the caches at {ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s"
+    widths = ", ".join(f"d={d}: {rate / 1e12:.0f} TFLOP/s" for d, rate in sorted(rates.sae_by_width.items()))
+    forward = f"the LM forward at the {rates.forward / 1e12:.0f} TFLOP/s measured for pythia-70m's shape" if rates.forward else f"the LM forward on {assumed}"
+    return (f"training at the rates measured on one {rates.device} on {rates.date} (benchmarks/gpu.json; {widths}, each "
+            f"width at the largest measured one below it), {forward}, caches at {ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s")
 
 
 def human_bytes(n: float) -> str:
@@ -450,10 +507,12 @@ def size_table(tokens: int = 1_000_000_000, small_tokens: int = 10_000_000, seq_
     lines = ["| model | layers x d | cache, 1B tokens | cache, 10M tokens | latents at R=64 | LM forward, 1B tokens "
              "| SAE R=64 k=32, 1B tokens | 1B-token cache at 2 GB/s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    rates = measured_rates()
     for name in ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b"):
         s = PYTHIA[name]
         big = cache_bytes(tokens, s)
-        forward, train = gpu_seconds(forward_flops(tokens, s, seq_len)), gpu_seconds(sae_train_flops(tokens, s, 64, 32))
+        forward = gpu_seconds(forward_flops(tokens, s, seq_len), rate=rates.forward if rates else None)
+        train = gpu_seconds(sae_train_flops(tokens, s, 64, 32), rate=sae_rate(s, rates))
         lines.append(f"| {name} | {s.n_layers} x {s.d_model} | {human_bytes(big)} | {human_bytes(cache_bytes(small_tokens, s))} "
                      f"| {64 * s.d_model:,} | {human_seconds(forward)} | {human_seconds(train)} | {human_seconds(gpu_seconds(0, big))} |")  # fmt: skip
     return "\n".join(lines)
@@ -464,7 +523,8 @@ def size_table(tokens: int = 1_000_000_000, small_tokens: int = 10_000_000, seq_
 # ----------------------------------------------------------------------------------------------------
 
 
-STAGE_ORDER = ("lens", "cache", "train", "analyse")  # a run's stages come in this order (then the report)
+STAGE_ORDER = ("lens", "cache", "train", "analyse", "compare")  # the stages come in this order (then the report)
+STOP_AFTER = ("lens", "cache", "train")
 
 
 @dataclass(eq=False)
@@ -535,11 +595,28 @@ class Planner:
 
     def stages(self, runs: list[Run]) -> list[Stage]:
         ordered: list[Stage] = []
+        analyses: dict[Run, Stage] = {}
         for run in runs:
             caches = {split: self._cache(run.model, run.lens, split, ordered) for split in SPLITS}
             train = self._train(run, caches["train"])
-            ordered += [train, self._analyse(run, train, caches["test"])]
-        return ordered
+            analyses[run] = self._analyse(run, train, caches["test"])
+            ordered += [train, analyses[run]]
+        return ordered + self._compares(analyses)
+
+    def _compares(self, analyses: dict[Run, Stage]) -> list[Stage]:
+        """``mlsae-analyse compare`` of the families of each (model, R, k, lens): one stage per group whose
+        runs are of two or more families (they share the cache, so the comparison is a fair one)."""
+        groups: dict[str, list[Run]] = {}
+        for run in analyses:
+            groups.setdefault(Run(run.model, run.expansion_factor, run.k, run.lens).name, []).append(run)
+        stages = []
+        for label, group in groups.items():
+            if len({run.arch for run in group}) < 2:
+                continue
+            out = self.out / "compare" / label
+            argv = ["compare", *(str(self.analysis_dir(run)) for run in group), "--out", str(out)]
+            stages.append(Stage("compare", label, "mlsae_analysis.cli", argv, out / layout.COMPARISON, [analyses[r] for r in group]))
+        return stages
 
     def _lens_dir(self, model: ModelSpec, ordered: list[Stage]) -> tuple[str, list[Stage]]:
         if model.lens:
@@ -572,7 +649,8 @@ class Planner:
             if shape is not None:
                 stage.disk_bytes = cache_bytes(tokens, shape, options.get("dtype", "float16"))
                 flops = forward_flops(tokens, shape, options.get("seq_len", 2048))
-                stage.seconds = gpu_seconds(flops, stage.disk_bytes)
+                rates = measured_rates()
+                stage.seconds = gpu_seconds(flops, stage.disk_bytes, rate=rates.forward if rates else None)
             self._caches[key] = stage
             ordered.append(stage)
         return self._caches[key]
@@ -590,7 +668,8 @@ class Planner:
             epochs = self.config.options["train"].get("epochs", 1)
             # one estimate for every family: each one's dense encoder (2 d n per (token, layer) vector) dominates
             flops = sae_train_flops(epochs * self.config.data["train_tokens"], shape, run.expansion_factor, run.k)
-            stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0))  # each epoch reads the whole cache
+            # each epoch reads the whole cache
+            stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0), rate=sae_rate(shape, measured_rates()))
         return stage
 
     def _analyse(self, run: Run, train: Stage, test_cache: Stage) -> Stage:
@@ -685,7 +764,7 @@ def stage_caller(config: SweepConfig, in_process: bool) -> Callable[[Stage], int
     def call(stage: Stage) -> int:
         argv = stage.full_argv()
         print(f"  $ {stage.command} {' '.join(argv)}", flush=True)
-        if stage.kind == "analyse":
+        if stage.kind in ("analyse", "compare"):
             Path(argv[argv.index("--out") + 1]).parent.mkdir(parents=True, exist_ok=True)
         if in_process:
             code = importlib.import_module(stage.module).main(argv)
@@ -772,9 +851,8 @@ def print_estimates(config: SweepConfig, stages: list[Stage]) -> None:
           f"{human_bytes(latents)}, before compression); {human_bytes(free)} free under {existing} ({fits})"
           + (f"; size unknown for {', '.join(unknown)}" if unknown else ""))  # fmt: skip
     seconds = sum(s.seconds or 0 for s in stages if s.status() != "skip")
-    print(f"time (estimate, not a measurement): {human_seconds(seconds)} of caching and training on one H100 at "
-          f"{ASSUMED_UTILISATION:.0%} of its bf16 peak, reading the caches at {ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s; "
-          "lens training and analysis not included")  # fmt: skip
+    print(f"time (estimate): {human_seconds(seconds)} of caching and training, {estimate_basis(measured_rates())}; "
+          "lens training and analysis not included")
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -836,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set data.train_tokens=100_000_000 --set out=/scratch/sweep")
     parser.add_argument("--in-process", action="store_true",
                         help="run each command in this Python process (faster start for small sweeps; no launcher)")
-    parser.add_argument("--stop-after", choices=STAGE_ORDER[:-1], default=None,
+    parser.add_argument("--stop-after", choices=STOP_AFTER, default=None,
                         help="run only the stages up to this kind (lens < cache < train), no analysis and no report; "
                         "e.g. train every family before the analyses (or on another machine)")
     parser.add_argument("--size-table", action="store_true", help="print the README's table of Pythia sizes and estimated times")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 
 import blake3
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -53,23 +55,156 @@ def test_writer_threads_write_the_files_of_a_serial_writer(fmt, tmp_path):
 def test_a_failing_shard_is_reported_and_every_sidecar_written_is_a_whole_shard(tmp_path, monkeypatch):
     config = config_for("hdf5")
     check_or_claim_directory(tmp_path, config, overwrite=False)
-    real_write = sf.write_shard
+    real_commit = sf.ShardFile.commit
 
-    def fail_on_shard_2(path, content, fmt, dtype):
-        if path.name == sf.shard_name(2, fmt):
+    def fail_on_shard_2(shard, content):
+        if shard.path.name == sf.shard_name(2, "hdf5"):
+            deadline = time.time() + 10  # shards are written at once: fail once shard 0 is on disk
+            while not (tmp_path / sf.SHARD_DIR / sf.sidecar_name(0)).exists() and time.time() < deadline:
+                time.sleep(0.01)
             raise OSError("disk on fire")
-        return real_write(path, content, fmt, dtype)
+        return real_commit(shard, content)
 
-    monkeypatch.setattr(sf, "write_shard", fail_on_shard_2)
+    monkeypatch.setattr(sf.ShardFile, "commit", fail_on_shard_2)
     writer = CacheWriter(tmp_path, config, threads=2)
     with pytest.raises(OSError, match="disk on fire"):
         for index, content in enumerate(shard_contents()):
             writer.submit(index, content)
         writer.close()
+    writer.abort()  # as the runner does after an error: every thread has stopped once it returns
     done = sorted(p.name for p in (tmp_path / sf.SHARD_DIR).glob("*.json"))
-    assert sf.sidecar_name(2) not in done and sf.sidecar_name(0) in done
+    assert sf.sidecar_name(2) not in done and sf.sidecar_name(0) in done  # a failure keeps the shards already written
     for name in done:  # every sidecar written belongs to a whole shard
         assert writer.is_done(int(name[6:12]))
+    assert sorted(p.name for p in (tmp_path / sf.SHARD_DIR).iterdir()) == sorted(done + [n.replace(".json", ".h5") for n in done])  # no temporary file left
+
+
+def serial_hdf5_shard(path, c: sf.ShardContent, dtype: str) -> None:
+    """The HDF5 shard as written before shards were streamed: h5py, then one raw write of all activations."""
+    acts = np.ascontiguousarray(c.acts)
+    with h5py.File(path, "w", libver="latest") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_obj_track_times(False)
+        space = h5py.h5s.create_simple(acts.shape)
+        offset = h5py.h5d.create(f.id, b"activations", h5py.h5t.py_create(acts.dtype), space, dcpl=dcpl).get_offset()
+        for name, column, dt in (("sequence", c.sequence, "<i8"), ("position", c.position, "<i4"), ("token_id", c.token_id, "<i4"),
+                                 ("input_sequence", c.input_sequence, "<i8"), ("input_ids", c.input_ids, "<i4")):  # fmt: skip
+            f.create_dataset(name, data=column.astype(dt))
+        f.attrs["dtype"] = dtype
+        f.attrs["format_version"] = sf.FORMAT_VERSION
+    if acts.size:
+        with open(path, "r+b") as raw:
+            raw.seek(offset)
+            raw.write(acts.tobytes())
+
+
+def filtered_shard(n_seq: int, seq_len: int, n_layers: int, d: int, dtype: str, seed: int) -> sf.ShardContent:
+    """A shard of ``n_seq`` sequences from 20 on, some tokens left out (none kept in sequence 21)."""
+    rng = np.random.default_rng(seed)
+    keep = rng.random((n_seq, seq_len)) < 0.8
+    if n_seq > 1:
+        keep[1] = False
+    b_idx, pos = np.nonzero(keep)
+    acts = sf.to_storage(rng.normal(size=(len(b_idx), n_layers, d)).astype(np.float32) * 10, dtype)
+    input_ids = rng.integers(0, 1000, (n_seq, seq_len)).astype(np.int32)
+    return sf.ShardContent(acts, (20 + b_idx).astype(np.int64), pos.astype(np.int32), input_ids[b_idx, pos], np.arange(20, 20 + n_seq, dtype=np.int64), input_ids)
+
+
+def sequence_parts(c: sf.ShardContent, sequences_per_part: list[int]) -> list[sf.ShardContent]:
+    """``c`` cut into parts of whole sequences (as the stager hands over its batches)."""
+    parts, first = [], 0
+    for count in sequences_per_part:
+        seqs = c.input_sequence[first : first + count]
+        rows = np.isin(c.sequence, seqs)
+        parts.append(sf.ShardContent(c.acts[rows], c.sequence[rows], c.position[rows], c.token_id[rows], seqs, c.input_ids[first : first + count]))
+        first += count
+    assert first == len(c.input_sequence)
+    return parts
+
+
+@pytest.mark.parametrize("dtype", sf.DTYPES)
+@pytest.mark.parametrize("fmt", sf.FORMATS)
+def test_a_shard_streamed_in_parts_is_the_file_of_a_serial_write(fmt, dtype, tmp_path):
+    """Parts of whole sequences (some with no stored token, as a filter can leave them) appended one by one
+    make the file a serial write makes (for HDF5: h5py plus one raw write, as shards were written before
+    they were streamed), its digest is BLAKE3 of its bytes, and no temporary file is left."""
+    for n_seq, cuts in ((5, [2, 1, 2]), (1, [1]), (4, [1, 1, 1, 1])):
+        content = filtered_shard(n_seq, 7, 3, 8, dtype, seed=n_seq)
+        whole, streamed = tmp_path / f"whole-{n_seq}", tmp_path / f"streamed-{n_seq}"
+        if fmt == "hdf5":
+            serial_hdf5_shard(whole, content, dtype)
+        else:
+            sf.write_shard(whole, content, fmt, dtype)
+        shard = sf.open_shard_file(streamed, fmt, dtype)
+        for part in sequence_parts(content, cuts):
+            shard.append(part)
+        digest = shard.commit(content)
+        assert streamed.read_bytes() == whole.read_bytes()
+        assert digest == blake3.blake3(streamed.read_bytes()).hexdigest()
+        np.testing.assert_array_equal(sf.open_shard(streamed, fmt, dtype, 3, 8).acts[:], content.acts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{kind}-{n}" for kind in ("whole", "streamed") for n in (5, 1, 4))
+
+
+@pytest.mark.parametrize("dtype", sf.DTYPES)
+def test_the_activations_offset_does_not_depend_on_the_number_of_rows(dtype, tmp_path):
+    """What streaming rests on: the activations of any number of rows start where the probe says."""
+    for n_layers, d, rows in ((3, 8, (1, 2, 999, 70000)), (30, 576, (1, 2, 99))):
+        for n in rows:
+            path = tmp_path / f"{n_layers}-{n}.h5"
+            serial_hdf5_shard(path, sf.ShardContent(np.zeros((n, n_layers, d), sf.STORAGE_NUMPY[dtype]), np.zeros(n, np.int64), np.zeros(n, np.int32),
+                                                    np.zeros(n, np.int32), np.zeros(1, np.int64), np.zeros((1, n), np.int32)), dtype)  # fmt: skip
+            with h5py.File(path, "r") as f:
+                assert f["activations"].id.get_offset() == sf.hdf5_activations_offset(dtype, n_layers, d)
+
+
+def test_a_wrong_offset_guess_still_gives_the_serial_file(tmp_path, monkeypatch):
+    """The offset is checked for every shard: appended at the wrong place, the activations are written again
+    where they belong and nothing else of the file is left wrong."""
+    content = filtered_shard(5, 7, 3, 8, "float16", seed=3)
+    serial_hdf5_shard(tmp_path / "whole", content, "float16")
+    monkeypatch.setattr(sf, "hdf5_activations_offset", lambda *args: 4096 + 3)
+    shard = sf.open_shard_file(tmp_path / "streamed", "hdf5", "float16")
+    for part in sequence_parts(content, [2, 3]):
+        shard.append(part)
+    shard.commit(content)
+    assert (tmp_path / "streamed").read_bytes() == (tmp_path / "whole").read_bytes()
+
+
+def test_what_a_killed_shard_write_leaves_is_dropped_by_the_next_run(tmp_path):
+    """The temporary files of a shard being streamed (the shard's own and, while its layout is made, h5py's
+    scratch file beside it) are the cache's own: the next run over the directory removes them."""
+    config = config_for("hdf5")
+    check_or_claim_directory(tmp_path, config, overwrite=False)
+    shard = sf.open_shard_file(tmp_path / sf.SHARD_DIR / sf.shard_name(0, "hdf5"), "hdf5", "float16")
+    shard.append(shard_contents(n_shards=1)[0])
+    os.close(shard.fd)  # as a SIGKILL leaves it
+    sf.hdf5_layout_scratch(shard.tmp).write_bytes(b"half an HDF5 layout")
+    check_or_claim_directory(tmp_path, config, overwrite=False)
+    assert list((tmp_path / sf.SHARD_DIR).iterdir()) == []
+
+
+def test_a_shard_stopped_half_way_leaves_nothing(tmp_path):
+    """A run stopped while a shard is being streamed (abort) removes the shard's temporary file; the shard
+    finished before it is kept whole, and no writing thread is left."""
+    config = config_for("hdf5")
+    check_or_claim_directory(tmp_path, config, overwrite=False)
+    writer = CacheWriter(tmp_path, config, threads=1)
+    first, second = shard_contents(n_shards=2)
+    writer.submit(0, first)
+    shard = writer.open_shard(1)
+    shard.append(sf.ShardContent(second.acts[:100], second.sequence[:100], second.position[:100], second.token_id[:100],
+                                 second.input_sequence[:100], second.input_ids[:100]))  # fmt: skip
+    being_written = lambda: list((tmp_path / sf.SHARD_DIR).glob(".shard-000001.h5.*.tmp"))  # noqa: E731
+    deadline = time.time() + 10
+    while not (being_written() and writer.sidecar_path(0).exists()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert being_written() and writer.sidecar_path(0).exists()
+    writer.abort()
+    assert sorted(p.name for p in (tmp_path / sf.SHARD_DIR).iterdir()) == ["shard-000000.h5", "shard-000000.json"]
+    assert writer.is_done(0) and not [t for t in threading.enumerate() if t.name.startswith("mlsae-shard-writer")]
 
 
 @pytest.mark.parametrize("fmt", sf.FORMATS)
@@ -167,10 +302,25 @@ def test_stager_stores_what_to_storage_stores(dtype, pattern, model_dtype):
     elif pattern == "none":
         keep[:] = False
     input_ids = rng.integers(0, 1000, (batch, seq_len))
-    stager = ShardStager(2 * batch * seq_len, n_layers, d, dtype, "cpu")
+    parts = []  # what the shard's writing thread is handed, batch by batch
+    stager = ShardStager(2 * batch * seq_len, n_layers, d, dtype, "cpu", sink=lambda part, ready: parts.append((part, ready)))
     stager.add(acts, torch.from_numpy(keep), 10, input_ids)
     stager.add(acts.flip(0), torch.from_numpy(keep[::-1].copy()), 13, input_ids[::-1])
     content, stats = stager.finish()
+    assert len(parts) == 2 and all(ready is None for _, ready in parts)  # on a CPU the rows are there at once
+    for field in ("acts", "sequence", "position", "token_id", "input_sequence", "input_ids"):
+        np.testing.assert_array_equal(np.concatenate([getattr(part, field) for part, _ in parts]), getattr(content, field))
+
+    # the same batches given block by block (as ResidualReader.read_each makes them, slots in any order): the same shard
+    by_block = ShardStager(2 * batch * seq_len, n_layers, d, dtype, "cpu")
+    for batch_acts, batch_keep, first, ids in ((acts, keep, 10, input_ids), (acts.flip(0), keep[::-1].copy(), 13, input_ids[::-1])):
+        with by_block.adding_layers(torch.from_numpy(batch_keep), first, ids) as stage:
+            for slot in reversed(range(n_layers)):
+                stage(slot, batch_acts[:, :, slot])
+    content_by_block, stats_by_block = by_block.finish()
+    for field in ("acts", "sequence", "position", "token_id", "input_sequence", "input_ids"):
+        np.testing.assert_array_equal(getattr(content_by_block, field).view(np.uint8), getattr(content, field).view(np.uint8))
+    assert stats_by_block == stats
 
     as_float32 = acts.float().numpy()  # what the model's dtype holds, widened exactly
     b_idx, pos = np.nonzero(keep)
@@ -295,12 +445,21 @@ def test_host_buffers_are_handed_round_again_once_given_back():
 def test_the_writer_calls_done_for_every_shard_written_or_not(tmp_path, monkeypatch):
     config = config_for("hdf5")
     check_or_claim_directory(tmp_path, config, overwrite=False)
-    real_write = sf.write_shard
-    monkeypatch.setattr(sf, "write_shard", lambda path, *a: (_ for _ in ()).throw(OSError("full")) if "000001" in path.name else real_write(path, *a))
+    real_append = sf.HDF5ShardFile.append
+    all_handed_over = threading.Event()
+
+    def fail_on_shard_1(shard, part):
+        if "000001" in shard.path.name:
+            all_handed_over.wait(10)
+            raise OSError("full")
+        real_append(shard, part)
+
+    monkeypatch.setattr(sf.HDF5ShardFile, "append", fail_on_shard_1)
     called = []
     writer = CacheWriter(tmp_path, config, threads=1, queue_depth=8)
     for index, content in enumerate(shard_contents(n_shards=4)):
         writer.submit(index, content, done=lambda index=index: called.append(index))
+    all_handed_over.set()
     with pytest.raises(OSError, match="full"):
         writer.close()
     assert sorted(called) == [0, 1, 2, 3]
@@ -322,3 +481,29 @@ def test_the_device_cast_rounds_like_to_storage(dtype, model_dtype):
     for all_kept, mask, want in ((False, keep, expected), (True, torch.ones(300, dtype=torch.bool), everything)):
         got = sf.storage_numpy(stored_rows(rows, mask, sf.STORAGE_TORCH[dtype], all_kept=all_kept))
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_a_reused_block_output_equals_a_fresh_one_and_read_each_gives_each_block(pythia_tokenizer_dir, tmp_path):
+    """``read(reuse_output=True)`` (the shard loop's with a lens or a norm filter) gives what a fresh read
+    gives, in the memory of the previous read of that shape, and the right values for another shape (a
+    shard's shorter last batch); ``read_each`` hands over each block's output, in its slot, once."""
+    from models import build_tiny_model
+
+    from mlsae_cache.lm import ResidualReader, load_model
+
+    model = load_model(str(build_tiny_model(tmp_path / "model", pythia_tokenizer_dir, n_layers=4)))
+    reader = ResidualReader(model, [0, 2, 3])
+    batches = [torch.randint(0, 1000, shape) for shape in ((2, 16), (2, 16), (1, 16))]
+    fresh = [reader.read(ids) for ids in batches]  # [B, S, 3, d] each
+    reused = []
+    for ids, want in zip(batches, fresh):
+        got = reader.read(ids, reuse_output=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        reused.append(got.data_ptr())
+    assert reused[0] == reused[1]
+    assert fresh[0].data_ptr() != fresh[1].data_ptr()  # without reuse_output, each read is its own
+    seen = []
+    reader.read_each(batches[0], lambda slot, hidden: seen.append((slot, hidden.clone())))
+    assert [slot for slot, _ in seen] == [0, 1, 2]
+    for slot, hidden in seen:
+        torch.testing.assert_close(hidden, fresh[0][:, :, slot], rtol=0, atol=0)

@@ -621,6 +621,21 @@ DAMAGE_CASES = [
 ]
 
 
+def test_a_damaged_run_config_that_is_still_valid_json_is_named_before_its_settings_are_compared(w, capsys):
+    """A flipped digit in a setting leaves valid JSON that reads as another setting: --resume must call the
+    file damaged, not the command's settings different (a flip at one offset once gave exactly that)."""
+    config = w.unfinished_run / "config.json"
+    text = config.read_text()
+    assert '"lr": 0.001' in text
+    before = snapshot(w.unfinished_run)
+    config.write_text(text.replace('"lr": 0.001', '"lr": 0.002', 1))
+    outcome = call_main(train_main, train_argv(w.cache, w.unfinished_run, "--resume"), capsys)
+    assert_clean_failure("mlsae-train --resume", outcome)
+    assert "config.json is damaged" in outcome.error_lines[0] and "--lr" not in outcome.error_lines[0]
+    assert {k: v for k, v in snapshot(w.unfinished_run).items() if not k.endswith("config.json")} == {
+        k: v for k, v in before.items() if not k.endswith("config.json")}  # fmt: skip
+
+
 @pytest.mark.parametrize("artifact, name, reader, damage", DAMAGE_CASES)
 def test_damaged_file(artifact, name, reader, damage, world, w, tmp_path, capsys, lens_eval_stdout):
     target = getattr(w, artifact) / name

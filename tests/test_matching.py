@@ -15,8 +15,6 @@ from matplotlib.image import imread
 from mlsae_analysis import layout
 from mlsae_analysis.files import write_parquet
 from mlsae_analysis.matching import (
-    CROSSCODER_STEM,
-    PER_LAYER_STEM,
     average_ranks,
     expected_layer_per_latent,
     layer_correlation,
@@ -230,22 +228,22 @@ def test_written_files_round_trip_and_are_checksummed(tmp_path) -> None:
     expected = np.linspace(0, 2, 50)
     expected[::7] = np.nan
     match = summarise_match(sim, [2, 4, 6], expected, "per-layer")
-    written = write_matching(match, tmp_path, PER_LAYER_STEM)
-    assert sorted(p.name for p in written) == sorted(f"{PER_LAYER_STEM}.{ext}" for ext in ("parquet", "json", "png", "pdf"))
+    written = write_matching(match, tmp_path, layout.MATCH_PER_LAYER)
+    assert sorted(p.name for p in written) == sorted(f"{layout.MATCH_PER_LAYER}.{ext}" for ext in ("parquet", "json", "png", "pdf"))
     assert sorted(recorded_files(tmp_path)) == sorted(p.name for p in written)
 
-    table = pl.read_parquet(tmp_path / f"{PER_LAYER_STEM}.parquet")
+    table = pl.read_parquet(tmp_path / f"{layout.MATCH_PER_LAYER}.parquet")
     sims = ["sim_layer_2", "sim_layer_4", "sim_layer_6"]
     assert table.columns == ["latent", "expected_layer", "best_layer", "best_similarity", *sims]
     assert table["expected_layer"].null_count() == 8  # inactive latents: null, not NaN
     assert table.equals(matching_table(match))
-    back = read_matching_table(tmp_path / f"{PER_LAYER_STEM}.parquet")
+    back = read_matching_table(tmp_path / f"{layout.MATCH_PER_LAYER}.parquet")
     assert back.layers == (2, 4, 6) and back.against == "per-layer"
     np.testing.assert_array_equal(back.similarity, sim.numpy())
     np.testing.assert_array_equal(back.best_layer, match.best_layer)
     assert back.correlation == match.correlation
 
-    summary = json.loads((tmp_path / f"{PER_LAYER_STEM}.json").read_text())
+    summary = json.loads((tmp_path / f"{layout.MATCH_PER_LAYER}.json").read_text())
     assert summary["pearson"] == pytest.approx(match.correlation.pearson) and summary["n_active"] == 42
     assert sum(summary["best_layer_counts"].values()) == 42
     assert not list(tmp_path.glob(".*.tmp"))
@@ -253,7 +251,7 @@ def test_written_files_round_trip_and_are_checksummed(tmp_path) -> None:
     with pytest.raises(MlsaeError, match="no matching table"):
         read_matching_table(tmp_path / "absent.parquet")
     # a damaged table is refused on reading
-    path = tmp_path / f"{PER_LAYER_STEM}.parquet"
+    path = tmp_path / f"{layout.MATCH_PER_LAYER}.parquet"
     path.write_bytes(path.read_bytes()[:-9] + b"x" * 9)
     with pytest.raises(IntegrityError, match="damaged"):
         read_matching_table(path)
@@ -323,7 +321,7 @@ def test_match_runs_loads_both_families_and_the_expected_layers(tmp_path) -> Non
     crossed = match_runs(tmp_path / "mlsae.safetensors", tmp_path / "crosscoder.safetensors", analysis)
     assert crossed.against == "crosscoder" and crossed.best_layer[3:].tolist() == [3, 1, 2]
     np.testing.assert_allclose(crossed.best_similarity[3:], 1.0, atol=1e-6)
-    assert [p.name for p in write_matching(crossed, tmp_path / "out")][0] == f"{CROSSCODER_STEM}.parquet"
+    assert [p.name for p in write_matching(crossed, tmp_path / "out")][0] == f"{layout.MATCH_CROSSCODER}.parquet"
 
     with pytest.raises(MlsaeError, match="must be an MLSAE"):
         match_runs(tmp_path / "per_layer.safetensors", tmp_path / "crosscoder.safetensors", analysis)

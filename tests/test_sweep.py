@@ -336,6 +336,10 @@ def test_families_config_trains_the_three_families_on_one_cache_at_equal_n_and_k
     assert {(t.expansion_factor, t.k) for t in trains} == {(4, 32)}  # n = R x d and k equal for all three
     assert len({t.shards[0] for t in trains}) == 1  # the same train cache
     assert [t.seed for t in trains] == [0, 1, 2]  # initial dictionaries that share no directions
+    (compare,) = [s for s in stages if s.kind == "compare"]  # the families side by side, after their analyses
+    assert compare.argv == ["compare", *(str(tmp_path / "out" / "analysis" / name) for name in FAMILY_RUNS),
+                            "--out", str(tmp_path / "out" / "compare" / "smollm2" / "R4-k32")]  # fmt: skip
+    assert set(compare.needs) == {s for s in stages if s.kind == "analyse"} and stages[-1] is compare
     assert {Path(t.out) for t in trains} == {tmp_path / "out" / "runs" / name for name in FAMILY_RUNS}
 
 
@@ -431,3 +435,23 @@ def test_stop_after_a_stage_no_run_has_is_one_line(tmp_path, capsys):
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, "--stop-after lens leaves no stage to run")
     assert not (tmp_path / "out").exists()
+
+
+def test_time_estimates_use_the_rates_gpu_check_measured(tmp_path):
+    """benchmarks/gpu.json's training rate per width (vectors/s x FLOPs per vector) and forward rate replace the
+    assumed 30% of an H100's peak; without the file the assumption stays."""
+    figures = {"date": "2026-11-29T00:00:00+00:00", "device": {"type": "cuda", "name": "GPU X"}, "measurements": [
+        {"name": "train_throughput", "status": "measured", "figures": {"R": 64, "k": 32, "steps": [
+            {"d": 512, "kernel": "bfloat16", "vectors_per_s": 1e6}, {"d": 512, "kernel": "float32", "vectors_per_s": 1.0},
+            {"d": 1024, "kernel": "bfloat16", "vectors_per_s": 5e5}]}},
+        {"name": "cache_throughput", "status": "measured", "figures": {"forward_tokens_per_s": 4e6, "batch": [32, 2048]}}]}  # fmt: skip
+    (tmp_path / "gpu.json").write_text(json.dumps(figures))
+    rates = sweep.measured_rates(tmp_path / "gpu.json")
+    per_vector = {d: 2 * d * 64 * d + 8 * 32 * d + 6 * (d // 2) * d for d in (512, 1024)}
+    assert rates.sae_by_width == {512: 1e6 * per_vector[512], 1024: 5e5 * per_vector[1024]}
+    assert rates.sae(768) == rates.sae_by_width[512] and rates.sae(2048) == rates.sae_by_width[1024] and rates.sae(256) == rates.sae_by_width[512]
+    assert rates.forward == 4e6 * sweep.forward_flops(1, sweep.PYTHIA["pythia-70m"], 2048)
+    shape = sweep.PYTHIA["pythia-70m"]  # 1e6 vectors/s at d = 512: 6 layers x 1e6 tokens take 6 s
+    assert sweep.gpu_seconds(sweep.sae_train_flops(10**6, shape, 64, 32), rate=sweep.sae_rate(shape, rates)) == pytest.approx(6.0)
+    assert "GPU X" in sweep.estimate_basis(rates)
+    assert sweep.measured_rates(tmp_path / "missing.json") is None and "30%" in sweep.estimate_basis(None)
