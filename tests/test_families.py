@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mlsae_cache import write_array_cache
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.integrity import save_safetensors
+from mlsae_cache.integrity import record_files, save_safetensors
 from mlsae_train import FAMILIES, Crosscoder, MultiLayerSAE, PerLayerSAEs, TrainConfig, load_sae, save_sae, train
 from mlsae_train.checkpoint import read_progress
 from mlsae_train.cli import main
@@ -424,6 +424,7 @@ def test_resume_with_another_arch_is_refused_and_old_runs_resume_as_mlsae(cache,
     info = json.loads((old / "config.json").read_text())
     del info["config"]["arch"], info["sae"]["arch"]
     (old / "config.json").write_text(json.dumps(info, indent=1) + "\n")
+    record_files(old, ["config.json"])  # its checksum as that run recorded it (--resume verifies the file)
     code, err = run_cli(capsys, ["--shards", str(cache), "--out", str(old), "--arch", "crosscoder", "--resume", *TINY])
     assert_one_line_error(code, err, "--arch", "'crosscoder'", "'mlsae'")
     assert main(["--shards", str(cache), "--out", str(old), "--resume", *TINY]) == 0
