@@ -91,6 +91,8 @@ class AnalysedRun:
     """The training caches: model, n_tokens, layers, d_model, lens, path and (when readable) its manifest digest."""
     test_cache: dict
     """The test cache: path, tokens analysed, model, lens and (when readable) its manifest digest."""
+    run_info: dict
+    """The analysed run's config.json ({} when the run is gone or was given as bare weights)."""
 
     @property
     def layers(self) -> list[int]:
@@ -182,7 +184,7 @@ def read_analysis(folder: Path) -> AnalysedRun:
             "lens": summary.get("lens"),
             "digest": summary.get("cache_digest") or _manifest_digest(summary["cache"]),
         }
-        run = AnalysedRun(folder, summary, arch, per_layer, _train_data(folder, summary, info), test_cache)
+        run = AnalysedRun(folder, summary, arch, per_layer, _train_data(folder, summary, info), test_cache, info)
         run.costs()  # n_latents, k, d_model present
     except KeyError as missing:
         raise MlsaeError(f"{folder / layout.SUMMARY} lacks {missing}; analyse that run again with this mlsae-analyse") from None
@@ -307,7 +309,7 @@ def write_matchings(runs: Sequence[AnalysedRun], out: Path, device: str) -> list
     the results into ``out``; returns one line per pair for the terminal."""
     lines = []
     for mlsae_run, other, stem in matching_pairs(runs):
-        seeds = {_run_info(run.summary).get("config", {}).get("seed") for run in (mlsae_run, other)}
+        seeds = {run.run_info.get("config", {}).get("seed") for run in (mlsae_run, other)}
         if len(seeds) == 1 and None not in seeds:
             # the families draw their initial directions from one stream (per-layer SAE l starts where an MLSAE of
             # that seed starts; crosscoder block (j, l) is the MLSAE's row j*L + l): latents that barely moved

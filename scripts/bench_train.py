@@ -22,7 +22,6 @@ the ratio within a round (vectors/s are printed for the median and the best step
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_data_path import drop_pages  # noqa: E402 - scripts/, beside this file
 from mlsae_cache import write_array_cache
 from mlsae_train.data import ActivationDataset, BatchOrder, Prefetcher
 from mlsae_train.dead_latents import DeadLatentTracker
@@ -66,14 +66,7 @@ class ArrayDataset:
 
 def evict_from_page_cache(root: Path) -> None:
     """Drop the cache's files from the OS page cache, so that "disk" means disk (where the OS allows)."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    drop_pages([path for path in root.rglob("*") if path.is_file()])
 
 
 # -- contenders: each returns a function that runs one step on a fresh batch

@@ -54,6 +54,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "scripts"))  # the benchmarks' shared pieces (bench_data_path.py), also when loaded by path
 
 from mlsae_cache.atomic import atomic_write_json  # noqa: E402
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command  # noqa: E402
@@ -661,7 +662,10 @@ def measure_cache_throughput(ctx: Context) -> tuple[dict, str]:
     # the two ceilings a fast device leaves: the disk (a raw contiguous write of one batch's float16
     # activations, fsynced) and the tokenizer (one thread, as the cache's read-ahead runs it)
     batch_bytes = np.random.default_rng(0).standard_normal((tokens, shape.layers * shape.d_model), dtype=np.float32).astype(np.float16)
-    disk_s = min(ctx.timed(lambda: raw_contiguous_write(ctx.work / "raw.h5", batch_bytes))[1] for _ in range(2))
+    from bench_data_path import run_raw_write  # scripts/: bench_data_path.py's raw write, the writer's ceiling
+
+    disk_s = min(run_raw_write(ctx.work / "raw", [batch_bytes]) for _ in range(2))
+    shutil.rmtree(ctx.work / "raw")
     _, tokenize_s = ctx.timed(lambda: sum(1 for _ in zip(range(3 * n_sequences), iter_dataset_sequences(text, tokenizer, seq_len))))
     figures = {
         "forward_tokens_per_s": forward_rate,
@@ -683,20 +687,6 @@ def measure_cache_throughput(ctx: Context) -> tuple[dict, str]:
     rate = f"{marginal:,.0f}" if marginal else "n/a"
     return figures, (f"cache {rate} tok/s (marginal) vs forward {forward_rate:,.0f} tok/s: {ratio}; "
                      f"disk {tokens / disk_s:,.0f} tok/s, tokenizer {3 * tokens / tokenize_s:,.0f} tok/s")  # fmt: skip
-
-
-def raw_contiguous_write(path: Path, array: np.ndarray) -> None:
-    """h5py's contiguous write of ``array`` and an fsync: what the disk takes, the cache writer's ceiling."""
-    import h5py
-
-    with h5py.File(path, "w", libver="latest") as f:
-        f.create_dataset("activations", data=array)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    path.unlink()
 
 
 def measure_data_path(ctx: Context) -> tuple[dict, str]:

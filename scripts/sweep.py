@@ -586,6 +586,8 @@ class Planner:
         self.out = config.out
         self._lenses: dict[str, Stage] = {}
         self._caches: dict[tuple[str, bool, str], Stage] = {}
+        self.rates = measured_rates()
+        """The GPU rates the time estimates use (benchmarks/gpu.json), read once."""
 
     def run_dir(self, run: Run) -> Path:
         return self.out / "runs" / run.name
@@ -649,8 +651,7 @@ class Planner:
             if shape is not None:
                 stage.disk_bytes = cache_bytes(tokens, shape, options.get("dtype", "float16"))
                 flops = forward_flops(tokens, shape, options.get("seq_len", 2048))
-                rates = measured_rates()
-                stage.seconds = gpu_seconds(flops, stage.disk_bytes, rate=rates.forward if rates else None)
+                stage.seconds = gpu_seconds(flops, stage.disk_bytes, rate=self.rates.forward if self.rates else None)
             self._caches[key] = stage
             ordered.append(stage)
         return self._caches[key]
@@ -669,7 +670,7 @@ class Planner:
             # one estimate for every family: each one's dense encoder (2 d n per (token, layer) vector) dominates
             flops = sae_train_flops(epochs * self.config.data["train_tokens"], shape, run.expansion_factor, run.k)
             # each epoch reads the whole cache
-            stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0), rate=sae_rate(shape, measured_rates()))
+            stage.seconds = gpu_seconds(flops, epochs * (cache.disk_bytes or 0), rate=sae_rate(shape, self.rates))
         return stage
 
     def _analyse(self, run: Run, train: Stage, test_cache: Stage) -> Stage:
@@ -835,10 +836,10 @@ def print_plan(config: SweepConfig, planner: Planner, stages: list[Stage], runs:
     report_runs = len(set(fingerprint) | will_analyse)
     report_todo = not stop_after and report_runs and (will_analyse or not report_is_current(config.out / "report", fingerprint))
     print(f"  [{len(stages) + 1}/{len(stages) + 1}] {'report ' + str(report_runs) + ' runs':<{width}}  {'to do' if report_todo else 'skip'}")
-    print_estimates(config, stages)
+    print_estimates(config, stages, planner.rates)
 
 
-def print_estimates(config: SweepConfig, stages: list[Stage]) -> None:
+def print_estimates(config: SweepConfig, stages: list[Stage], rates: MeasuredRates | None) -> None:
     caches = [s for s in stages if s.kind == "cache"]
     total = sum(s.disk_bytes or 0 for s in caches)
     to_write = sum(s.disk_bytes or 0 for s in stages if s.status() != "skip")
@@ -851,7 +852,7 @@ def print_estimates(config: SweepConfig, stages: list[Stage]) -> None:
           f"{human_bytes(latents)}, before compression); {human_bytes(free)} free under {existing} ({fits})"
           + (f"; size unknown for {', '.join(unknown)}" if unknown else ""))  # fmt: skip
     seconds = sum(s.seconds or 0 for s in stages if s.status() != "skip")
-    print(f"time (estimate): {human_seconds(seconds)} of caching and training, {estimate_basis(measured_rates())}; "
+    print(f"time (estimate): {human_seconds(seconds)} of caching and training, {estimate_basis(rates)}; "
           "lens training and analysis not included")
 
 
