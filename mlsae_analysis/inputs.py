@@ -16,6 +16,7 @@ from mlsae_cache.integrity import verify_files
 from mlsae_cache.reader import Cache, verify_shards
 from mlsae_train import Dictionary
 from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress
+from mlsae_train.hub import resolve_run
 
 
 @dataclass
@@ -67,10 +68,10 @@ def _load_trained_sae(run: Path) -> tuple[Dictionary, dict | None]:
         raise MlsaeError(f"{file} is not a readable SAE checkpoint ({reason}); train it again or restore the file") from None
     if progress is None:  # weights saved before they recorded it: the checkpoint written right after them does
         progress = training_progress(run)
-    return sae, _training_record(progress)
+    return sae, training_record(progress)
 
 
-def _training_record(progress: dict | None) -> dict | None:
+def training_record(progress: dict | None) -> dict | None:
     """The trained and planned steps and tokens of a progress record (older ones lack total_tokens)."""
     if not progress or "step" not in progress or "total_steps" not in progress:
         return None
@@ -114,7 +115,7 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
     """Load both and check that the cache holds the model, width, layers and lens the SAE was trained on,
     and that the SAE finished training (unless ``allow_unfinished``). The cache's shards are checked
     separately (:func:`verify_cache_shards`), once the number of tokens to read is known."""
-    run = Path(run)
+    run = resolve_run(run)  # a hub name (ORG/NAME) that is no local path: the downloaded, verified snapshot
     if not run.exists():
         raise MlsaeError(f"--run {run} does not exist; point it at a run directory written by mlsae-train")
     sae, training = _load_trained_sae(run)

@@ -58,12 +58,18 @@ def _option_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return annotation, {}
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, short: dict[str, str] | None = None) -> None:
-    """Add one option per field of ``cls``; fields without a default are required."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, short: dict[str, str] | None = None, positional: Sequence[str] = ()
+) -> None:
+    """Add one option per field of ``cls``; fields without a default are required; the fields named in
+    ``positional`` (required ones) are positional arguments instead, in field order."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     short = short or {}
     for field in dataclasses.fields(cls):
+        if field.name in positional:
+            parser.add_argument(field.name, metavar=field.name.upper(), help=docs.get(field.name, ""))
+            continue
         flags = [f"--{field.name.replace('_', '-')}"]
         if field.name in short:
             flags.insert(0, short[field.name])

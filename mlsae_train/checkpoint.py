@@ -28,6 +28,9 @@ from mlsae_cache.integrity import load_safetensors, read_safetensors_metadata, s
 from .dead_latents import DeadLatentTracker
 from .dictionary import Dictionary
 from .families import build_dictionary
+from .formats import foreign_sae_dirs
+from .hub import resolve_run
+from .imported import load_imported
 
 CONFIG_FILE = "config.json"
 SAE_FILE = "sae.safetensors"
@@ -65,7 +68,10 @@ def _sae_file(path: Path) -> Path:
 
 def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") -> tuple[Dictionary, dict[str, Any] | None]:
     """:func:`load_sae`, and the training progress recorded with the weights (None when not recorded)."""
-    file = _sae_file(Path(path))
+    path = resolve_run(path)  # an ORG/NAME that is no local path: downloaded from the hub and verified
+    if (foreign := foreign_sae_dirs(path)) is not None:  # another tool's SAE folder(s): a per-layer baseline
+        return load_imported(foreign).to(device), None
+    file = _sae_file(path)
     tensors, metadata = load_safetensors(file, SAE_FIX)
     if "mlsae" not in metadata:
         raise MlsaeError(f"{file} was not written by mlsae-train (no SAE config in its metadata)")
@@ -91,7 +97,9 @@ def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     """The dictionary saved at ``path``: a run directory (its sae.safetensors) or a .safetensors file; a
     :class:`~.model.MultiLayerSAE`, :class:`~.per_layer.PerLayerSAEs` or :class:`~.crosscoder.Crosscoder`
-    as ``sae.arch`` says.
+    as ``sae.arch`` says. ``path`` may also be a run on the Hugging Face hub (``ORG/NAME``, downloaded and
+    verified: hub.py), or a SAELens or sparsify SAE folder (or a folder of them, one per layer): those load
+    as an :class:`~.imported.ImportedTopKSAEs`, a per-layer baseline (formats/).
 
     ``sae(x)`` reconstructs x [N, L, d_model] (the MLSAE: any [..., d_model]) in input space;
     ``sae.encode(x)`` gives the active latents ``(values, indices)`` after ReLU; ``sae.W_dec`` is

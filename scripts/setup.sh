@@ -13,6 +13,9 @@ python=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "${MLSAE_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import mlsae_cache, mlsae_train, mlsae_analysis" || { echo "setup: mlsae did not install" >&2; exit 1; }
+# dev: the tests' tools; interop: SAELens and sparsify, which the tests use to check mlsae-export and the import of
+# their SAEs. The torch already here is pinned so that neither can swap it for another build.
+torch_now=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+.venv/bin/python -m pip install -q -e ".[dev,interop]" -c <(echo "torch==$torch_now") 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import mlsae_cache, mlsae_train, mlsae_analysis, mlsae_export" || { echo "setup: mlsae did not install" >&2; exit 1; }
 .venv/bin/python scripts/fetch_assets.py

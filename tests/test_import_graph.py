@@ -1,5 +1,5 @@
 """The packages' import graph: no module imports (even lazily, inside a function) one that imports it back,
-and a stage imports only the stages before it (cache <- train <- analysis)."""
+and a stage imports only the stages before it (cache <- train <- analysis <- export)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("mlsae_cache", "mlsae_train", "mlsae_analysis")  # in pipeline order
+STAGES = ("mlsae_cache", "mlsae_train", "mlsae_analysis", "mlsae_export")  # in pipeline order
 
 
 def _module_name(path: Path) -> str:

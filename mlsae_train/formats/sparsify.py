@@ -1,0 +1,20 @@
+"""PLACEHOLDER: being written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import ForeignTopK, SAEFormat
+
+
+class _Format(SAEFormat):
+    name = "sparsify"
+
+    def recognises(self, folder: Path) -> bool:
+        return False
+
+    def read(self, folder: Path) -> ForeignTopK:
+        raise NotImplementedError
+
+
+SPARSIFY = _Format()
