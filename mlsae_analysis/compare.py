@@ -3,7 +3,9 @@
 Each ANALYSIS is a directory written by ``mlsae-analyse`` for one run: an MLSAE, a per-layer suite of SAEs or
 a crosscoder (the ``arch`` in its summary.json, else in its run's config.json; absent: ``mlsae``). The comparison is refused unless every
 run was trained on the same cache and evaluated on the same test cache (same tokens, same spliced
-sequences) at the same layers, and unless each analysis is given once.
+sequences) at the same layers, and unless each analysis is given once. Other tools' SAEs analysed as a per-layer
+baseline (summary.json ``imported``: sparsify, SAELens) were trained elsewhere: their training cache is not checked,
+and where they cover fewer layers the runs are compared on the layers all of them share (said in the markdown).
 
 Writes into --out:
   comparison.csv        one row per (run, layer) and one per run with layer "mean" (the mean over its layers):
@@ -98,6 +100,11 @@ class AnalysedRun:
     def layers(self) -> list[int]:
         return [int(layer) for layer in self.summary["layers"]]
 
+    @property
+    def imported(self) -> dict | None:
+        """Other tools' SAEs (formats, sources, normalisation: summary.json ``imported``); None for a run of ours."""
+        return self.summary.get("imported") or None
+
     def costs(self) -> dict[str, int]:
         summary = self.summary
         return family_costs(self.arch, summary["n_latents"], summary["k"], len(self.layers), summary["d_model"])
@@ -184,7 +191,8 @@ def read_analysis(folder: Path) -> AnalysedRun:
             "lens": summary.get("lens"),
             "digest": summary.get("cache_digest") or _manifest_digest(summary["cache"]),
         }
-        run = AnalysedRun(folder, summary, arch, per_layer, _train_data(folder, summary, info), test_cache, info)
+        train_data = [] if summary.get("imported") else _train_data(folder, summary, info)  # imported: trained elsewhere
+        run = AnalysedRun(folder, summary, arch, per_layer, train_data, test_cache, info)
         run.costs()  # n_latents, k, d_model present
     except KeyError as missing:
         raise MlsaeError(f"{folder / layout.SUMMARY} lacks {missing}; analyse that run again with this mlsae-analyse") from None
@@ -216,31 +224,45 @@ def _same_test_cache(a: dict, b: dict) -> bool:
 
 def check_comparable(runs: Sequence[AnalysedRun]) -> None:
     """Refuse, in one line, analyses that do not measure the same thing: given twice, of the same run, of
-    runs trained on other caches, evaluated on other test tokens or spliced sequences, or at other layers."""
+    runs trained on other caches, evaluated on other test tokens or spliced sequences, or at other layers.
+    Imported runs (trained elsewhere) skip the training-cache check, and may cover other layers than ours as
+    long as all the runs share one (:func:`shared_layers`)."""
     seen: set[Path] = set()
     for run in runs:
         if run.folder.resolve() in seen:
             raise MlsaeError(f"{run.folder} is given twice; name each analysis once")
         seen.add(run.folder.resolve())
     first = runs[0]
+    ours = [run for run in runs if not run.imported]
     for run in runs[1:]:
         pair = f"{first.folder} and {run.folder}"
         if Path(str(run.summary["run"])) == Path(str(first.summary["run"])):
             raise MlsaeError(f"{pair} are analyses of the same run {run.summary['run']}; give one analysis per run")
-        if not _same_data(first.train_data, run.train_data):
-            raise MlsaeError(f"{pair} are of runs trained on different caches ({_describe(first.train_data)} vs "
-                             f"{_describe(run.train_data)}); compare runs trained on the same cache")  # fmt: skip
         if not _same_test_cache(first.test_cache, run.test_cache):
             raise MlsaeError(
                 f"{pair} were evaluated on different test tokens ({_describe([first.test_cache])} vs "
                 f"{_describe([run.test_cache])}); analyse every run on the same --shards with the same --max-tokens"
             )
-        if run.layers != first.layers:
-            raise MlsaeError(f"{pair} cover different layers ({first.layers} vs {run.layers}); "
-                             "compare runs trained and analysed on the same layers")  # fmt: skip
         if run.summary.get("d_model") != first.summary.get("d_model"):
             raise MlsaeError(f"{pair} have different widths d_model; compare runs on the same model")
+    for run in ours[1:]:  # our own runs: the same training cache and the same layers
+        pair = f"{ours[0].folder} and {run.folder}"
+        if not _same_data(ours[0].train_data, run.train_data):
+            raise MlsaeError(f"{pair} are of runs trained on different caches ({_describe(ours[0].train_data)} vs "
+                             f"{_describe(run.train_data)}); compare runs trained on the same cache")  # fmt: skip
+        if run.layers != ours[0].layers:
+            raise MlsaeError(f"{pair} cover different layers ({ours[0].layers} vs {run.layers}); "
+                             "compare runs trained and analysed on the same layers")  # fmt: skip
+    if not shared_layers(runs):
+        raise MlsaeError("the runs share no layer (" + "; ".join(f"{run.folder}: {run.layers}" for run in runs) + "); "
+                         "compare imported SAEs with runs on the layers they cover")  # fmt: skip
     _check_same_spliced_sequences(runs)
+
+
+def shared_layers(runs: Sequence[AnalysedRun]) -> list[int]:
+    """The layers every run covers, in the first run's order: what the comparison is on (all of them unless an
+    imported run covers fewer)."""
+    return [layer for layer in runs[0].layers if all(layer in run.layers for run in runs[1:])]
 
 
 def _check_same_spliced_sequences(runs: Sequence[AnalysedRun]) -> None:
@@ -265,9 +287,16 @@ def _describe(caches: list[dict]) -> str:
 
 
 def _run_labels(runs: Sequence[AnalysedRun]) -> list[str]:
-    """``arch R=.. k=..``; runs alike in all three are told apart by their folder name."""
-    labels = [f"{run.arch} R={run.summary['n_latents'] // run.summary['d_model']} k={run.summary['k']}" for run in runs]
+    """``arch R=.. k=..`` (imported runs: ``(FORMAT, trained elsewhere)`` after it); runs alike in all of it are told
+    apart by their folder name."""
+    labels = [f"{run.arch} R={run.summary['n_latents'] // run.summary['d_model']} k={run.summary['k']}" + _elsewhere(run)
+              for run in runs]  # fmt: skip
     return [f"{label} ({run.folder.name})" if labels.count(label) > 1 else label for label, run in zip(labels, runs)]
+
+
+def _elsewhere(run: AnalysedRun) -> str:
+    """`` (sparsify, trained elsewhere)`` for an imported run, "" for a run of ours."""
+    return f" ({', '.join(run.imported.get('formats') or [])}, trained elsewhere)" if run.imported else ""
 
 
 def compare_analyses(folders: Sequence[Path]) -> ComparisonTables:
@@ -276,10 +305,12 @@ def compare_analyses(folders: Sequence[Path]) -> ComparisonTables:
         raise MlsaeError("no analysis given; name at least one directory written by mlsae-analyse")
     runs = [read_analysis(Path(folder)) for folder in folders]
     check_comparable(runs)
+    layers = shared_layers(runs)
     frames = []
     for run, label in zip(runs, _run_labels(runs)):
-        mean = run.per_layer.select(pl.col(COMPARED_METRICS).mean())
-        rows = pl.concat([run.per_layer.with_columns(pl.col("layer").cast(pl.String)), mean.with_columns(layer=pl.lit(MEAN_ROW))],
+        per_layer = run.per_layer.filter(pl.col("layer").is_in(layers))  # all its layers unless an imported run covers fewer
+        mean = per_layer.select(pl.col(COMPARED_METRICS).mean())
+        rows = pl.concat([per_layer.with_columns(pl.col("layer").cast(pl.String)), mean.with_columns(layer=pl.lit(MEAN_ROW))],
                          how="diagonal")  # fmt: skip
         training = run.summary.get("training") or {}
         frames.append(rows.with_columns(
@@ -309,6 +340,10 @@ def write_matchings(runs: Sequence[AnalysedRun], out: Path, device: str) -> list
     the results into ``out``; returns one line per pair for the terminal."""
     lines = []
     for mlsae_run, other, stem in matching_pairs(runs):
+        if mlsae_run.layers != other.layers:  # an imported run on other layers: E[L | J] is over the MLSAE's layers
+            lines.append(f"{stem}: not matched: {mlsae_run.folder.name} covers layers {mlsae_run.layers} but {other.folder.name} "
+                         f"{other.layers}; matching needs one SAE for each layer of the MLSAE, and no other")  # fmt: skip
+            continue
         seeds = {run.run_info.get("config", {}).get("seed") for run in (mlsae_run, other)}
         if len(seeds) == 1 and None not in seeds:
             # the families draw their initial directions from one stream (per-layer SAE l starts where an MLSAE of
@@ -370,8 +405,25 @@ def markdown_table(tables: ComparisonTables) -> str:
         f"Mean over layers {', '.join(map(str, layers))}; n = latents per dictionary (R x d), k = active per vector "
         "(MLSAE, per-layer) or per token (crosscoder); parameters leave out biases.",
         f"Equal across runs: {', '.join(equal) or 'none'}. Different: {', '.join(differ) or 'none'}.",
+        *_imported_notes(tables.runs, layers),
     ]
     return "\n".join([header, rule, *rows, "", *notes]) + "\n"
+
+
+def _imported_notes(runs: Sequence[AnalysedRun], layers: list[int]) -> list[str]:
+    """Lines on the imported runs: trained elsewhere (no training cache of ours, their normalisation), and the
+    layers left out when one covers fewer than the others."""
+    notes = []
+    for run, label in zip(runs, _run_labels(runs)):
+        if run.imported:
+            notes.append(f"{label}: its training cache is not checked against the others', only its test tokens; "
+                         f"{run.imported.get('normalisation')}")  # fmt: skip
+    left_out = [f"{run.folder.name} {[layer for layer in run.layers if layer not in layers]}" for run in runs
+                if any(layer not in layers for layer in run.layers)]  # fmt: skip
+    if left_out:
+        notes.append(f"Compared on the layers all runs share ({', '.join(map(str, layers))}); left out: {'; '.join(left_out)} "
+                     "(the costs are each run's own, over all its layers).")
+    return notes
 
 
 def plot_comparison(tables: ComparisonTables, path_stem: Path) -> list[Path]:

@@ -335,8 +335,17 @@ def _facts(summary: dict) -> str:
     facts = [("family", summary.get("arch")), ("model", summary.get("model")), ("layers", f"{layers[0]}–{layers[-1]} ({len(layers)})" if layers else None),
              ("d_model", summary.get("d_model")), ("latents", summary.get("n_latents")), ("k", summary.get("k")),
              ("tokens analysed", summary.get("n_tokens")), ("trained", _training_fact(summary.get("training"))),
-             ("run", summary.get("run")), ("cache", summary.get("cache"))]  # fmt: skip
+             ("run", summary.get("run")), ("cache", summary.get("cache")),
+             ("trained elsewhere", _imported_fact(summary.get("imported")))]  # fmt: skip
     return " · ".join(f"{k} <b>{html.escape(str(v))}</b>" for k, v in facts if v is not None)
+
+
+def _imported_fact(imported: dict | None) -> str | None:
+    """Other tools' SAEs: their formats and how their input normalisation differs from ours; None for our own runs."""
+    if not imported:
+        return None
+    formats = ", ".join(imported.get("formats") or [])
+    return f"{formats} SAEs, analysed as a per-layer baseline. {imported.get('normalisation') or ''}".strip()
 
 
 # ----------------------------------------------------------------------------- writers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from mlsae_cache.errors import CacheError, MlsaeError
 from mlsae_cache.integrity import verify_files
 from mlsae_cache.reader import Cache, verify_shards
 from mlsae_train import Dictionary
-from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress
+from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress, weights_digest
+from mlsae_train.formats import foreign_sae_dirs
 from mlsae_train.hub import resolve_run
+from mlsae_train.imported import ImportedTopKSAEs
 
 
 @dataclass
@@ -31,6 +34,8 @@ class RunAndCache:
     """The run's config.json (empty when only a safetensors file was given)."""
     training: dict | None = None
     """How far the weights were trained: step, tokens, total_steps, total_tokens (None when not recorded)."""
+    weights_digest: str | None = None
+    """The checksum sae.safetensors records of itself: the identity of the weights (None: imported, or unrecorded)."""
 
     @property
     def layers(self) -> list[int]:
@@ -39,7 +44,10 @@ class RunAndCache:
 
 
 def read_run_info(run: Path) -> dict:
-    """The run directory's config.json, or {} for a bare .safetensors file."""
+    """The run directory's config.json, or {} for a bare .safetensors file and for other tools' SAE folders (a
+    sparsify run's config.json is its own training config, not ours)."""
+    if foreign_sae_dirs(run) is not None:
+        return {}
     config_file = (run if run.is_dir() else run.parent) / CONFIG_FILE
     if not config_file.exists():
         return {}
@@ -52,7 +60,10 @@ def read_run_info(run: Path) -> dict:
 
 def _load_trained_sae(run: Path) -> tuple[Dictionary, dict | None]:
     """load_sae (verified against its checksum) and its training progress; an unfinished run or an
-    unreadable file reported as one line."""
+    unreadable file reported as one line. Other tools' SAE folders load as an imported per-layer baseline,
+    with no training progress of ours."""
+    if foreign_sae_dirs(run) is not None:
+        return load_sae_and_progress(run)[0], None  # every damage is refused in one line by the formats
     file = run / SAE_FILE if run.is_dir() else run
     if run.is_dir() and not file.exists() and (run / CHECKPOINT_FILE).exists():
         raise MlsaeError(
@@ -122,6 +133,8 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
     check_finished(run, training, allow_unfinished)
     cache = open_cache(shards)
     info = read_run_info(run)
+    if isinstance(sae, ImportedTopKSAEs):
+        info = {"sources": sae.sources, "warnings": _check_imported(sae, run, shards, cache)}
     if sae.d_model != cache.d_model:
         raise MlsaeError(
             f"the SAE in {run} has width {sae.d_model} but the cache {shards} has d_model {cache.d_model}; "
@@ -142,11 +155,35 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
             "evaluate on a cache written with the same --lens as the training cache"
         )
     sae_layers = list(sae.layers) or list(cache.layers)
+    imported_fix = " (or point --run at a folder holding only the SAEs of the layers the cache has)"
     missing = [layer for layer in sae_layers if layer not in cache.layers]
     if missing:
         raise MlsaeError(
             f"the SAE in {run} was trained on layer(s) {sae_layers} but the cache {shards} lacks layer {missing[0]}; "
             "use a cache that stores every layer the SAE was trained on"
+            + (imported_fix if isinstance(sae, ImportedTopKSAEs) else "")
         )
     sae.layers = sae_layers
-    return RunAndCache(sae.eval(), cache, [cache.layers.index(layer) for layer in sae_layers], info, training)
+    digest = None if isinstance(sae, ImportedTopKSAEs) else weights_digest(run)
+    return RunAndCache(sae.eval(), cache, [cache.layers.index(layer) for layer in sae_layers], info, training, digest)
+
+
+def _check_imported(sae: ImportedTopKSAEs, run: Path, shards: str | Path, cache: Cache) -> list[str]:
+    """Other tools' SAEs read the raw residual stream: a cache of tuned-lens activations is refused; a cache of
+    another model than the SAEs record is a warning (each tool spells model names its own way). Returns the
+    warnings, also printed."""
+    if cache.manifest.get("lens"):
+        raise MlsaeError(
+            f"the cache {shards} holds tuned-lens activations but the imported SAEs in {run} read the raw residual stream; "
+            "analyse them on a cache written without --lens"
+        )
+    cache_model = cache.manifest.get("model")
+    recorded = sorted({str(source["model"]) for source in sae.sources if source.get("model")})
+    if not cache_model or not recorded:
+        return []
+    if any(Path(model).name.lower() == Path(str(cache_model)).name.lower() for model in recorded):
+        return []
+    line = (f"warning: the imported SAEs in {run} record the model {', '.join(recorded)} but the cache {shards} holds "
+            f"{cache_model}; if these are different models their metrics mean nothing")  # fmt: skip
+    print(line, file=sys.stderr)
+    return [line]

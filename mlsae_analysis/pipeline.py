@@ -40,6 +40,7 @@ from mlsae_cache import shard_format as sf
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.lens import Lens, load_lens_for_model
 from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
+from mlsae_train.imported import ImportedTopKSAEs
 from mlsae_train.screened_topk import use_screen
 
 from . import layout, plots
@@ -429,10 +430,14 @@ def summary_of(
     downstream: Downstream | None = None,
 ) -> dict:
     """summary.json: what was analysed and how (the family, its training and test caches, the spliced
-    sequences), the mean metrics, MMCS, the layer view's entries, the warnings."""
+    sequences; for other tools' SAEs, where they came from and how their normalisation differs), the mean
+    metrics, MMCS, the layer view's entries, the warnings."""
     config, data, sae = inputs.config, inputs.data, inputs.data.sae
+    imported = imported_record(sae)
     return {
-        "run": str(Path(config.run).resolve()),
+        # a hub name (ORG/NAME) as given: compare and the HTML page reach the run through it again
+        "run": str(Path(config.run).resolve()) if Path(config.run).exists() else config.run,
+        "weights_digest": data.weights_digest,  # which weights: tells apart runs of equal settings
         "arch": sae.arch,
         "cache": str(Path(config.shards).resolve()),
         "cache_digest": data.cache.manifest.get(sf.MANIFEST_DIGEST),
@@ -455,5 +460,15 @@ def summary_of(
         "mmcs_std": mmcs[1],
         **layer_view,
         "training": data.training,  # steps and tokens trained and planned (null: not recorded with the weights)
-        "warnings": warnings,
+        "imported": imported,  # null: trained by mlsae-train
+        "warnings": [*data.run_info.get("warnings", []), *warnings] if imported else warnings,  # imported: the model check's too
     }
+
+
+def imported_record(sae: nn.Module) -> dict | None:
+    """For other tools' SAEs (an :class:`~mlsae_train.imported.ImportedTopKSAEs`): their formats, each layer's
+    source and how their input normalisation differs from ours; None for our own dictionaries."""
+    if not isinstance(sae, ImportedTopKSAEs):
+        return None
+    formats = sorted({str(source.get("format")) for source in sae.sources})
+    return {"formats": formats, "sources": sae.sources, "normalisation": sae.normalisation}

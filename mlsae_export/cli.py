@@ -22,6 +22,7 @@ from mlsae_train.imported import ImportedTopKSAEs
 from .config import HubExportConfig, SaelensExportConfig
 
 NOTHING_KEPT = "nothing was kept (--out appears only once the export has finished); run the same command again"
+NOTHING_SENT = "the upload is one commit, so the repo holds all of the run or none of this upload; run the same command again"
 COMMANDS = ("saelens", "hub")
 
 
@@ -38,10 +39,12 @@ def saelens_main(argv: Sequence[str]) -> int:
     sae, progress = load_sae_and_progress(run)
     if isinstance(sae, ImportedTopKSAEs):
         raise MlsaeError(f"{config.run} holds another tool's SAEs, not an mlsae-train run; export a run trained with mlsae-train")
-    check_finished(run, training_record(progress), config.allow_unfinished)
+    training = training_record(progress)
+    check_finished(run, training, config.allow_unfinished)
+    run_info = {**read_run_info(run), "training": training}  # the export's metadata records the tokens trained
     folders: list[Path] = []
     out = Path(config.out)
-    write_fresh_directory(out, lambda partial: folders.extend(FORMATS["saelens"].export(sae, read_run_info(run), partial)))
+    write_fresh_directory(out, lambda partial: folders.extend(FORMATS["saelens"].export(sae, run_info, partial)))
     for folder in folders:
         print(out / folder.name)
     print(f"wrote {len(folders)} SAELens SAE(s) to {out}; load one with sae_lens.SAE.load_from_disk(FOLDER)", file=sys.stderr)
@@ -71,7 +74,8 @@ def dispatch(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(dispatch, argv, resumes=NOTHING_KEPT)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(dispatch, argv, resumes=NOTHING_SENT if argv[:1] == ["hub"] else NOTHING_KEPT)
 
 
 if __name__ == "__main__":

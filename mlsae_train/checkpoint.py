@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from mlsae_cache.atomic import atomic_write  # noqa: F401 - tests import it from here
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.integrity import load_safetensors, read_safetensors_metadata, save_safetensors
+from mlsae_cache.integrity import DIGEST_KEY, load_safetensors, read_safetensors_metadata, save_safetensors
 
 from .dead_latents import DeadLatentTracker
 from .dictionary import Dictionary
@@ -92,6 +92,15 @@ def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") 
             getattr(model, name).copy_(tensors[name])
     progress = json.loads(metadata["progress"]) if "progress" in metadata else None
     return model.to(device), progress
+
+
+def weights_digest(path: str | Path) -> str | None:
+    """The checksum ``sae.safetensors`` records of itself (what tells two runs' weights apart), None when it records
+    none (written before checksums) or ``path`` is not one of our runs."""
+    file = Path(path) / SAE_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        return None
+    return read_safetensors_metadata(file, SAE_FIX).get(DIGEST_KEY)
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:

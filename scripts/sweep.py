@@ -440,9 +440,11 @@ def cache_bytes(tokens: int, shape: ModelShape, dtype: str = "float16") -> int:
     return tokens * (shape.n_layers * shape.d_model * DTYPE_BYTES[dtype] + TOKEN_ID_BYTES)
 
 
-def latents_bytes(tokens: int, shape: ModelShape, k: int) -> int:
-    """Disk of an analysis's sparse latents at most (before parquet compression): k rows per token and layer."""
-    return tokens * shape.n_layers * k * LATENT_ROW_BYTES
+def latents_bytes(tokens: int, shape: ModelShape, k: int, arch: str = DEFAULT_ARCH) -> int:
+    """Disk of an analysis's sparse latents at most (before parquet compression): k rows per token and layer,
+    or per token for a crosscoder (its k latents are shared by all the token's layers)."""
+    rows_per_token = k if arch == "crosscoder" else shape.n_layers * k
+    return tokens * rows_per_token * LATENT_ROW_BYTES
 
 
 def forward_flops(tokens: int, shape: ModelShape, seq_len: int) -> float:
@@ -682,7 +684,7 @@ class Planner:
         shape = model_shape(run.model.path)
         if shape is not None:
             tokens = min(self.config.data["test_tokens"], options.get("max_tokens", self.config.data["test_tokens"]))
-            stage.disk_bytes = latents_bytes(tokens, shape, run.k)
+            stage.disk_bytes = latents_bytes(tokens, shape, run.k, run.arch)
         return stage
 
 

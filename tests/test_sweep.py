@@ -89,6 +89,11 @@ def test_disk_estimate_is_tokens_times_layers_times_width(tmp_path):
         assert sweep.cache_bytes(10**9, shape, "float16") == 10**9 * (layers * width * 2 + 16)
         assert sweep.cache_bytes(10, shape, "float32") == 10 * (layers * width * 4 + 16)
     assert sweep.model_shape("EleutherAI/pythia-70m-deduped") == sweep.model_shape("pythia-70m")
+    # an analysis stores k latents per (token, layer) vector, a crosscoder's k per token
+    shape = sweep.model_shape("pythia-70m")
+    assert sweep.latents_bytes(100, shape, 32) == 100 * 6 * 32 * sweep.LATENT_ROW_BYTES
+    assert sweep.latents_bytes(100, shape, 32, "per-layer") == 100 * 6 * 32 * sweep.LATENT_ROW_BYTES
+    assert sweep.latents_bytes(100, shape, 32, "crosscoder") == 100 * 32 * sweep.LATENT_ROW_BYTES
     # a local model: read from its config.json; the parameter count is the architecture's, not a guess
     local = tmp_path / "m"
     local.mkdir()

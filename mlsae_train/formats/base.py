@@ -10,7 +10,7 @@ The forward a :class:`ForeignTopK` describes (the tool's own; the imported dicti
     pre   = (u - b_dec * apply_b_dec_to_input) @ W_enc.T + b_enc          [.., n]
     pre  *= ||W_dec[j]||                      only with rescale_acts_by_decoder_norm
     h     = ReLU(TopK_k(pre))                 (sparsify's TopK(ReLU(pre)) keeps the same latents and values)
-    u_hat = h @ W_dec + b_dec
+    u_hat = h @ W_dec + b_dec                 with rescale_acts_by_decoder_norm: (h / ||W_dec[j]||) @ W_dec + b_dec
     x_hat = u_hat * std + mean                "standardize" only (SAELens maps back with std, not std + eps)
 """
 
@@ -50,6 +50,8 @@ class ForeignTopK:
     """How the tool normalises each input vector (module docstring)."""
     apply_b_dec_to_input: bool = True
     rescale_acts_by_decoder_norm: bool = False
+    """SAELens's option (module docstring); a reader may instead fold the decoder norms into W_enc, b_enc and
+    W_dec (the same latents, with values on unit-norm rows) and leave it False."""
     eps: float = 1e-5
     """The standardisation's eps (``input_norm == "standardize"`` only)."""
     source: dict = field(default_factory=dict)
