@@ -345,7 +345,9 @@ def _imported_fact(imported: dict | None) -> str | None:
     if not imported:
         return None
     formats = ", ".join(imported.get("formats") or [])
-    return f"{formats} SAEs, analysed as a per-layer baseline. {imported.get('normalisation') or ''}".strip()
+    shared = any(source.get("layer") is None for source in imported.get("sources") or [])  # one SAE for all layers
+    analysed_as = "one SAE shared by every layer, analysed as an MLSAE" if shared else "SAEs, analysed as a per-layer baseline"
+    return f"{formats} {analysed_as}. {imported.get('normalisation') or ''}".strip()
 
 
 # ----------------------------------------------------------------------------- writers

@@ -19,7 +19,7 @@ from mlsae_train import Dictionary
 from mlsae_train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, SAE_FILE, load_sae_and_progress, training_progress, weights_digest
 from mlsae_train.formats import foreign_sae_dirs
 from mlsae_train.hub import resolve_run
-from mlsae_train.imported import ImportedTopKSAEs
+from mlsae_train.imported import ImportedDictionary, is_imported
 
 
 @dataclass
@@ -133,7 +133,7 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
     check_finished(run, training, allow_unfinished)
     cache = open_cache(shards)
     info = read_run_info(run)
-    if isinstance(sae, ImportedTopKSAEs):
+    if is_imported(sae):
         info = {"sources": sae.sources, "warnings": _check_imported(sae, run, shards, cache)}
     if sae.d_model != cache.d_model:
         raise MlsaeError(
@@ -161,14 +161,14 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
         raise MlsaeError(
             f"the SAE in {run} was trained on layer(s) {sae_layers} but the cache {shards} lacks layer {missing[0]}; "
             "use a cache that stores every layer the SAE was trained on"
-            + (imported_fix if isinstance(sae, ImportedTopKSAEs) else "")
+            + (imported_fix if is_imported(sae) else "")
         )
     sae.layers = sae_layers
-    digest = None if isinstance(sae, ImportedTopKSAEs) else weights_digest(run)
+    digest = None if is_imported(sae) else weights_digest(run)
     return RunAndCache(sae.eval(), cache, [cache.layers.index(layer) for layer in sae_layers], info, training, digest)
 
 
-def _check_imported(sae: ImportedTopKSAEs, run: Path, shards: str | Path, cache: Cache) -> list[str]:
+def _check_imported(sae: ImportedDictionary, run: Path, shards: str | Path, cache: Cache) -> list[str]:
     """Other tools' SAEs read the raw residual stream: a cache of tuned-lens activations is refused; a cache of
     another model than the SAEs record is a warning (each tool spells model names its own way). Returns the
     warnings, also printed."""

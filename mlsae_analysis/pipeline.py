@@ -40,7 +40,7 @@ from mlsae_cache import shard_format as sf
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.lens import Lens, load_lens_for_model
 from mlsae_cache.lm import d_model_of, load_model, load_tokenizer
-from mlsae_train.imported import ImportedTopKSAEs
+from mlsae_train.imported import is_imported
 from mlsae_train.screened_topk import use_screen
 
 from . import layout, plots
@@ -466,9 +466,10 @@ def summary_of(
 
 
 def imported_record(sae: nn.Module) -> dict | None:
-    """For other tools' SAEs (an :class:`~mlsae_train.imported.ImportedTopKSAEs`): their formats, each layer's
-    source and how their input normalisation differs from ours; None for our own dictionaries."""
-    if not isinstance(sae, ImportedTopKSAEs):
+    """For other tools' SAEs (an :class:`~mlsae_train.imported.ImportedDictionary`: one per layer, or one shared
+    by all): their formats, each SAE's source and how their input normalisation differs from ours; None for our own
+    dictionaries."""
+    if not is_imported(sae):
         return None
     formats = sorted({str(source.get("format")) for source in sae.sources})
     return {"formats": formats, "sources": sae.sources, "normalisation": sae.normalisation}

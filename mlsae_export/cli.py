@@ -14,10 +14,11 @@ from mlsae_analysis.files import write_fresh_directory
 from mlsae_analysis.inputs import check_finished, read_run_info, training_record
 from mlsae_cache.clitools import OneLineErrorParser, add_dataclass_arguments, config_from_args, run_command
 from mlsae_cache.errors import MlsaeError
+from mlsae_cache.path_kinds import require_run_path
 from mlsae_train.checkpoint import load_sae_and_progress
 from mlsae_train.formats import FORMATS
 from mlsae_train.hub import resolve_run
-from mlsae_train.imported import ImportedTopKSAEs
+from mlsae_train.imported import is_imported
 
 from .config import HubExportConfig, SaelensExportConfig
 
@@ -35,16 +36,17 @@ def build_parser(command: str) -> OneLineErrorParser:
 
 def saelens_main(argv: Sequence[str]) -> int:
     config: SaelensExportConfig = config_from_args(SaelensExportConfig, build_parser("saelens").parse_args(argv))
+    require_run_path(config.run, "RUN")
     run = resolve_run(config.run)
     sae, progress = load_sae_and_progress(run)
-    if isinstance(sae, ImportedTopKSAEs):
+    if is_imported(sae):
         raise MlsaeError(f"{config.run} holds another tool's SAEs, not an mlsae-train run; export a run trained with mlsae-train")
     training = training_record(progress)
     check_finished(run, training, config.allow_unfinished)
     run_info = {**read_run_info(run), "training": training}  # the export's metadata records the tokens trained
     folders: list[Path] = []
     out = Path(config.out)
-    write_fresh_directory(out, lambda partial: folders.extend(FORMATS["saelens"].export(sae, run_info, partial)))
+    write_fresh_directory(out, lambda partial: folders.extend(FORMATS["saelens"].export(sae, run_info, partial, config.model_name)))
     for folder in folders:
         print(out / folder.name)
     print(f"wrote {len(folders)} SAELens SAE(s) to {out}; load one with sae_lens.SAE.load_from_disk(FOLDER)", file=sys.stderr)
@@ -53,6 +55,7 @@ def saelens_main(argv: Sequence[str]) -> int:
 
 def hub_main(argv: Sequence[str]) -> int:
     config: HubExportConfig = config_from_args(HubExportConfig, build_parser("hub").parse_args(argv))
+    require_run_path(config.run, "RUN")  # before the hub is probed: a cache is named as such, offline too
     from .upload import upload_run
 
     url = upload_run(config)

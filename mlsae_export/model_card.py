@@ -70,8 +70,11 @@ def test_metrics(summary: dict) -> list[tuple[str, str]]:
     return [(title, value) for title, value in found if value is not None]
 
 
-def model_card(repo_id: str, run_info: dict, progress: dict | None, summary: dict | None = None) -> str:
-    """README.md of the uploaded run ``repo_id``."""
+def model_card(
+    repo_id: str, run_info: dict, progress: dict | None, summary: dict | None = None, saelens_folders: list[str] | None = None
+) -> str:
+    """README.md of the uploaded run ``repo_id``; ``saelens_folders``: the repo's SAELens copies of it (mlsae-export
+    hub --saelens), one per layer."""
     sae = run_info.get("sae") or {}
     config = run_info.get("config") or {}
     data = run_info.get("data") or []
@@ -128,14 +131,31 @@ def model_card(repo_id: str, run_info: dict, progress: dict | None, summary: dic
         *([export] if export else []),
         "```", "",
         *(["A crosscoder has no SAELens equivalent: `mlsae-export saelens` refuses it.", ""] if not export else []),
+        *_saelens_use(repo_id, saelens_folders or []),
         "## Files", "",
         "- `config.json`: the run's settings and the identity of its training cache",
         "- `sae.safetensors`: the weights (`W_enc`, `W_dec`, `b_pre`), with the dictionary's config, the training progress "
         "and a checksum in its metadata",
         "- `checksums.json`: the size and digest of every other file here",
         "- `metrics.jsonl`: the training metrics, one line per step (when the run kept them)",
+        *([f"- `{saelens_folders[0].rsplit('/', 1)[0]}/`: the same SAE as SAELens TopK SAEs, one folder per layer "
+           "(`cfg.json`, `sae_weights.safetensors`)"] if saelens_folders else []),
         "",
         "The training checkpoint (`checkpoint.safetensors`: the Adam state and dead-latent counters that resume "
         "training) is not uploaded: these weights can be used and analysed, not trained further.",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _saelens_use(repo_id: str, folders: list[str]) -> list[str]:
+    """How SAELens loads the repo's SAELens copies (none: nothing)."""
+    if not folders:
+        return []
+    return [
+        f"SAELens loads each layer's SAE straight from this repo ({len(folders)} of them, `{folders[0]}` to "
+        f"`{folders[-1]}`):", "",
+        "```python", "from sae_lens import SAE", "",
+        f'sae = SAE.from_pretrained("{repo_id}", "{folders[0]}")', "```", "",
+        "Their input normalisation is SAELens's `layer_norm`, the same per-vector standardisation on the way in; on "
+        "the way out SAELens maps back with std where mlsae uses std + eps (a relative change of eps / std).", "",
+    ]  # fmt: skip

@@ -1,7 +1,9 @@
 """``mlsae-export hub RUN --repo ORG/NAME``: upload a finished run, with a model card, to the Hugging Face Hub.
 
 The repo receives, in ONE commit (so it never holds half a run): config.json, sae.safetensors, metrics.jsonl
-(when the run has it), README.md (model_card.py) and a checksums.json covering every other file, which
+(when the run has it), README.md (model_card.py), with --saelens the run as SAELens SAEs under saelens/ (which
+SAELens's own ``SAE.from_pretrained("ORG/NAME", "saelens/blocks.L.hook_resid_post")`` loads), and a checksums.json
+covering every other file, which
 ``load_sae("ORG/NAME")`` checks after downloading (mlsae_train/hub.py). The files are copied into a temporary
 folder first and checked there (the run's own checksums, the weights' digest), so what is uploaded is what was
 verified. Not uploaded: checkpoint.safetensors (the Adam state; the card says so).
@@ -23,13 +25,16 @@ from mlsae_cache.atomic import atomic_write_text
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.integrity import RECORD_FILE, has_record, record_files, verify_files, warn_once
 from mlsae_train.checkpoint import CONFIG_FILE, METRICS_FILE, SAE_FILE, load_sae_and_progress, weights_digest
+from mlsae_train.formats import FORMATS
 from mlsae_train.hub import hub_endpoint, hub_unreachable_reason, parse_hub_name, transport_errors
-from mlsae_train.imported import ImportedTopKSAEs
+from mlsae_train.imported import is_imported
 
 from .config import HubExportConfig
 from .model_card import model_card
 
 CARD_FILE = "README.md"
+SAELENS_DIR = "saelens"
+"""Where --saelens puts the run's SAELens SAEs in the repo, one folder per layer (formats/saelens.py)."""
 UPLOADED = (CONFIG_FILE, SAE_FILE, METRICS_FILE)
 """The run's files that go to the hub (metrics.jsonl when present), beside the card and the checksum record."""
 RUN_FIX = "restore the run's files from a copy, or train it again"
@@ -75,7 +80,7 @@ def _stage(run: Path, staged: Path, repo_id: str, config: HubExportConfig) -> Pa
         sae, progress = _checked_copy(staged, run)
     except MlsaeError as exc:  # name the run's file, not its copy's
         raise type(exc)(str(exc).replace(str(staged), str(run))) from None
-    if isinstance(sae, ImportedTopKSAEs):
+    if is_imported(sae):
         raise MlsaeError(f"{run} holds another tool's SAEs, not an mlsae-train run; upload a run trained with mlsae-train")
     training = training_record(progress)
     if training is not None and not training["finished"] and not config.allow_unfinished:
@@ -88,8 +93,12 @@ def _stage(run: Path, staged: Path, repo_id: str, config: HubExportConfig) -> Pa
     if config.analysis is not None:
         summary = read_summary(config.analysis)
         check_analysis_of_run(summary, run_info, progress, config.analysis, run)
-    atomic_write_text(staged / CARD_FILE, model_card(repo_id, run_info, progress, summary))
-    record_files(staged)
+    saelens_folders = []
+    if config.saelens:  # a crosscoder or a tuned-lens run is refused here, before anything is sent
+        exported = FORMATS["saelens"].export(sae, {**run_info, "training": training}, staged / SAELENS_DIR, config.model_name)
+        saelens_folders = [folder.relative_to(staged).as_posix() for folder in exported]
+    atomic_write_text(staged / CARD_FILE, model_card(repo_id, run_info, progress, summary, saelens_folders))
+    record_files(staged)  # every file below it, the SAELens copies included
     return staged
 
 
@@ -142,7 +151,7 @@ def _commit(staged: Path, repo_id: str, private: bool, token: str, run: Path) ->
 
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
-    files = sorted(path.name for path in staged.iterdir() if path.is_file())
+    files = sorted(path.relative_to(staged).as_posix() for path in staged.rglob("*") if path.is_file())
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if private and api.repo_info(repo_id).private is False:

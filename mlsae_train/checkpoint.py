@@ -69,7 +69,7 @@ def _sae_file(path: Path) -> Path:
 def load_sae_and_progress(path: str | Path, device: str | torch.device = "cpu") -> tuple[Dictionary, dict[str, Any] | None]:
     """:func:`load_sae`, and the training progress recorded with the weights (None when not recorded)."""
     path = resolve_run(path)  # an ORG/NAME that is no local path: downloaded from the hub and verified
-    if (foreign := foreign_sae_dirs(path)) is not None:  # another tool's SAE folder(s): a per-layer baseline
+    if (foreign := foreign_sae_dirs(path)) is not None:  # another tool's SAE folder(s): a per-layer baseline or an MLSAE
         return load_imported(foreign).to(device), None
     file = _sae_file(path)
     tensors, metadata = load_safetensors(file, SAE_FIX)
@@ -108,7 +108,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> Dictionary
     :class:`~.model.MultiLayerSAE`, :class:`~.per_layer.PerLayerSAEs` or :class:`~.crosscoder.Crosscoder`
     as ``sae.arch`` says. ``path`` may also be a run on the Hugging Face hub (``ORG/NAME``, downloaded and
     verified: hub.py), or a SAELens or sparsify SAE folder (or a folder of them, one per layer): those load
-    as an :class:`~.imported.ImportedTopKSAEs`, a per-layer baseline (formats/).
+    as an :class:`~.imported.ImportedTopKSAEs`, a per-layer baseline (formats/); or a folder of the MLSAE paper's
+    reference code (its hub repos, e.g. ``tim-lawson/mlsae-pythia-70m-deduped-x64-k32``): an
+    :class:`~.imported.ImportedMLSAE`.
 
     ``sae(x)`` reconstructs x [N, L, d_model] (the MLSAE: any [..., d_model]) in input space;
     ``sae.encode(x)`` gives the active latents ``(values, indices)`` after ReLU; ``sae.W_dec`` is

@@ -139,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(m[1], m[2], m[3] or "", query)
         if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             return self._resolve(m[1], m[2], m[3], head)
+        if method == "GET" and path == "/api/agent-harnesses":
+            # huggingface_hub's best-effort lookup of AI-agent environments (where such variables are set): "none known"
+            return self._error(404, message="no registry here")
         self.hub.unserved.append(f"{method} {path}")
         self._error(404, message=f"the stand-in does not serve {method} {path}", head=head)
 

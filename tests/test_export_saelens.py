@@ -286,6 +286,11 @@ def test_the_cli_exports_a_run_that_saelens_loads(sae_lens, runs, tmp_path, caps
         assert (meta["context_size"], meta["model_name"], meta["prepend_bos"]) == (8, str(runs["model"]), False)
         assert meta["hf_hook_name"] == f"gpt_neox.layers.{LAYERS[position]}"
         assert meta["mlsae"]["tokens_trained"] == progress["total_tokens"] > 0
+    # --model-name: the id tools that load the model by name need, where the run read a local copy
+    code, stdout, _ = export(capsys, runs["root"] / "mlsae", "--out", tmp_path / "named", "--model-name", "EleutherAI/pythia-70m")
+    assert code == 0
+    named = json.loads((Path(stdout.splitlines()[0]) / "cfg.json").read_text())["metadata"]
+    assert (named["model_name"], named["hf_hook_name"]) == ("EleutherAI/pythia-70m", f"gpt_neox.layers.{LAYERS[0]}")
     # the exported folder also loads back here, as a per-layer baseline with the run's latents
     imported = load_sae(out)
     assert imported.layers == LAYERS
@@ -318,3 +323,48 @@ def test_the_cli_refuses_a_crosscoder_a_lens_run_and_a_missing_run(runs, tmp_pat
         assert code == 2 and stdout == ""
         assert_one_line_error(err, fragment)
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_saelens_computes_our_latents_on_a_real_models_cached_residual_stream(sae_lens, pythia_tokenizer_dir, tmp_path, capsys):
+    """The whole path a user takes: mlsae-cache of a (tiny, random) GPT-NeoX, mlsae-train, mlsae-export saelens; then
+    SAELens's own loader on every layer, fed the residual vectors read back from the cache."""
+    from models import build_tiny_model, write_english
+
+    from mlsae_cache import open_cache
+    from mlsae_cache.cli import main as cache_main
+
+    model = build_tiny_model(tmp_path / "neox", pythia_tokenizer_dir, n_layers=3, d_model=32, context=64)
+    text = write_english(tmp_path / "text", n_files=2, words_per_file=200)
+    cache = tmp_path / "cache"
+    assert cache_main(["--model", str(model), "--dataset", str(text), "--out", str(cache), "--seq-len", "32",
+                       "--tokens", str(32 * 8), "--no-progress"]) == 0  # fmt: skip
+    run = tmp_path / "run"
+    assert train_main(["--shards", str(cache), "--out", str(run), "--expansion-factor", "2", "-k", "4",
+                       "--batch-tokens", "64", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    code, stdout, _ = export(capsys, run, "--out", tmp_path / "saes")
+    assert code == 0
+    residual = open_cache(cache)
+    x = torch.from_numpy(residual.read(np.arange(len(residual))))  # [N, L, d] as cached (float16 on disk)
+    sae = load_sae(run)
+    assert sae.layers == residual.layers == [0, 1, 2]
+    # this random model's residual vectors have std 0.016-0.034, where SAELens's way back (std, not std + eps) moves
+    # x_hat by eps * u_hat, up to 6e-4 of it: more than the 1e-4 that holds from std 0.1 up (real models: 1 to 100)
+    std = x.std(dim=-1, keepdim=True)  # [N, L, 1] sample std, as both standardise with
+    assert float(std.min()) < 0.1
+    with torch.no_grad():
+        ours = sae(x)  # [N, L, d]
+    mean, eps = x.mean(dim=-1, keepdim=True), sae.eps
+    saelens_way_back = ours - eps * (ours - mean) / (std + eps)  # u_hat * std + mean, with u_hat = (x_hat - mean) / (std + eps)
+    for position, folder in enumerate(map(Path, stdout.splitlines())):
+        assert folder.name == f"blocks.{residual.layers[position]}.hook_resid_post"
+        loaded = sae_lens.SAE.load_from_disk(folder)
+        with torch.no_grad():
+            theirs = loaded.encode(x[:, position])  # [N, n] dense
+            values, indices = sae.encode(x)  # [N, L, k]
+            expected = torch.zeros_like(theirs).scatter(1, indices[:, position], values[:, position])
+            assert torch.equal(theirs != 0, expected != 0)  # the same k latents
+            torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            recon = loaded.decode(theirs)  # [N, d]
+        torch.testing.assert_close(recon, saelens_way_back[:, position], rtol=1e-5, atol=1e-5 * float(recon.abs().max()))
+        relative = torch.linalg.vector_norm(recon - ours[:, position], dim=-1) / torch.linalg.vector_norm(ours[:, position], dim=-1)
+        assert float(relative.max()) > 1e-5  # the difference is real here, and it is exactly the one stated

@@ -1,8 +1,9 @@
 """The fault-injection suite (issue 12, item 7): every command through every fault class.
 
 Commands: mlsae-cache (fresh and resumed), mlsae-cache verify, mlsae-train (fresh and --resume),
-mlsae-analyse, mlsae-analyse report, the HTML page rebuild, mlsae-lens train (fresh and resumed) and
-eval, scripts/sweep.py. Fault classes, each one parametrized test (one test id per case):
+mlsae-analyse (of a run, and of a SAELens export as an imported baseline), mlsae-analyse report, the HTML
+page rebuild, mlsae-lens train (fresh and resumed) and eval, mlsae-export saelens, scripts/sweep.py. Fault
+classes, each one parametrized test (one test id per case):
 
 - ``test_output_fault``: a read-only output folder (EACCES) and a full disk (ENOSPC, at once and after a
   few files were written); the same command once the fault is gone must then finish to the exact output
@@ -21,8 +22,8 @@ Each case asserts: a non-zero exit with exactly one ``error:`` line and no trace
 it. Commands run in this process through their ``main(argv)`` (fast); signals go to child processes forked
 from one that imported every command once (tests/faults.py: Zygote). The tiny
 pipeline (a 2-layer GPT-NeoX of width 16, 256 tokens) is built once per module.
-``test_case_count`` states the number of cases: 181 (34 output faults, 10 signals, 92 damaged files,
-2 non-finite shards, 43 wrong kinds of path).
+``test_case_count`` states the number of cases: 209 (38 output faults, 10 signals, 104 damaged files,
+2 non-finite shards, 55 wrong kinds of path).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from mlsae_cache import lens_train
 from mlsae_cache import shard_format as sf
 from mlsae_cache.cli import main as cache_main
 from mlsae_cache.lens_cli import main as lens_main
+from mlsae_export.cli import main as export_main
 from mlsae_train.cli import main as train_main
 from mlsae_train.config import TrainConfig
 from mlsae_train.trainer import train
@@ -89,10 +91,15 @@ class World:
     lens: Path
     unfinished_lens: Path
     lens_cache: Path
+    saelens: Path
+    """The run exported by ``mlsae-export saelens``: one SAELens SAE folder per layer."""
     model: Path
     text: Path
+    saelens_analysis: Path | None = None
+    """``saelens`` analysed as an imported per-layer baseline: compared with, never copied."""
 
-    ARTIFACTS = ("cache", "unfinished_cache", "run", "unfinished_run", "analysis", "report", "lens", "unfinished_lens", "lens_cache")
+    ARTIFACTS = ("cache", "unfinished_cache", "run", "unfinished_run", "analysis", "report", "lens", "unfinished_lens", "lens_cache",
+                 "saelens")  # fmt: skip
 
     def copy(self, dest: Path) -> "World":
         """Every artifact copied under ``dest`` (same names); the model and the text stay shared inputs."""
@@ -116,6 +123,10 @@ def train_argv(shards: Path, out: Path, *extra: str) -> list[str]:
 
 def analyse_argv(run: Path, shards: Path, out: Path) -> list[str]:
     return ["--run", str(run), "--shards", str(shards), "--out", str(out), "--no-downstream", "--no-progress"]
+
+
+def export_saelens_argv(run: Path, out: Path) -> list[str]:
+    return ["saelens", str(run), "--out", str(out)]
 
 
 def lens_train_argv(w: World, out: Path, *extra: str) -> list[str]:
@@ -200,6 +211,9 @@ def world(tmp_path_factory, pythia_tokenizer_dir) -> World:
     _must(lens_main, lens_train_argv(w, w.lens))
     _build_unfinished_lens(w)
     _must(cache_main, cache_argv(w, w.lens_cache, "--lens", str(w.lens)))
+    _must(export_main, export_saelens_argv(w.run, w.saelens))
+    w.saelens_analysis = root / "saelens_analysis"
+    _must(analyse_main, analyse_argv(w.saelens, w.cache, w.saelens_analysis))
     w.shared_inputs = snapshot(w.model, w.text)  # every case reads these in place; the last test checks them
     return w
 
@@ -351,6 +365,10 @@ def _check_report(out: Path, case: World, world: World) -> None:
     assert_same_result(produced, result_files(world.report, REPORT_RESULT), "mlsae-analyse report")
 
 
+def _check_saelens(out: Path, case: World, world: World) -> None:
+    assert_same_result(result_files(out, None, case.root, world.root), result_files(world.saelens), "mlsae-export saelens")
+
+
 def _check_sweep(out: Path, case: World, world: World) -> None:
     run = out / "runs" / "tiny" / f"R{TRAIN_OPTIONS['expansion_factor']}-k{TRAIN_OPTIONS['k']}"
     # the weights only: the checkpoint holds torch's global generator, which the sweep's cache stages drew from
@@ -381,6 +399,8 @@ OUTPUT_COMMANDS: dict[str, OutputCase] = {
     "mlsae-lens-train-resume": OutputCase(lens_main, lambda w, t: lens_train_argv(w, w.unfinished_lens), lambda w, t: w.unfinished_lens,
                                           lambda w, t, world: _check_lens(w.unfinished_lens, w, world)),
     "sweep.py": OutputCase(sweep.main, _sweep_argv, lambda w, t: t / "out", lambda w, t, world: _check_sweep(t / "out" / "sweep", w, world)),
+    "mlsae-export-saelens": OutputCase(export_main, lambda w, t: export_saelens_argv(w.run, t / "out" / "saelens"), lambda w, t: t / "out",
+                                       lambda w, t, world: _check_saelens(t / "out" / "saelens", w, world)),
 }  # fmt: skip
 
 READ_ONLY_INPUTS: dict[str, OutputCase] = {
@@ -391,6 +411,9 @@ READ_ONLY_INPUTS: dict[str, OutputCase] = {
         analyse_main, lambda w, t: analyse_argv(w.run, w.cache, t / "out" / "analysis"), lambda w, t: w.root,
         lambda w, t, world: _check_analysis(t / "out" / "analysis", w, world), True),
     "mlsae-lens-eval-of-read-only-lens": OutputCase(lens_main, lambda w, t: lens_eval_argv(w, w.lens), lambda w, t: w.lens, None, True),
+    "mlsae-export-saelens-of-read-only-run": OutputCase(
+        export_main, lambda w, t: export_saelens_argv(w.run, t / "out" / "saelens"), lambda w, t: w.run,
+        lambda w, t, world: _check_saelens(t / "out" / "saelens", w, world), True),
 }  # fmt: skip
 
 # (fault, writes allowed before it) -> id
@@ -574,6 +597,11 @@ READERS: dict[str, Reader] = {
     "html-page-rebuild": Reader(lambda w, t, c: call_main(html_report.main, [str(w.analysis)], c),
                                 lambda w, t, world: result_files(w.analysis, ("report.html",), w.root, world.root),
                                 lambda world, _: result_files(world.analysis, ("report.html",))),
+    "export-saelens": Reader(lambda w, t, c: call_main(export_main, export_saelens_argv(w.run, t / "out" / "saelens"), c),
+                             lambda w, t, world: result_files(t / "out" / "saelens", None, w.root, world.root),
+                             lambda world, _: result_files(world.saelens)),
+    "analyse-imported": Reader(lambda w, t, c: call_main(analyse_main, analyse_argv(w.saelens, w.cache, t / "out" / "analysis"), c),
+                               _analysis_result, lambda world, _: result_files(world.saelens_analysis)),
 }  # fmt: skip
 
 # (artifact, file inside it) -> the commands that read it
@@ -585,15 +613,15 @@ DAMAGE_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
     ("unfinished_cache", "config.json"): ("cache-resume",),
     ("unfinished_cache", "shards/shard-000001.h5"): ("cache-resume",),
     ("unfinished_cache", "shards/shard-000001.json"): ("cache-resume",),
-    ("run", "sae.safetensors"): ("analyse",),
-    ("run", "config.json"): ("analyse",),
+    ("run", "sae.safetensors"): ("analyse", "export-saelens"),
+    ("run", "config.json"): ("analyse", "export-saelens"),
     ("run", "checkpoint.safetensors"): ("analyse",),
     ("unfinished_run", "config.json"): ("resume",),
     ("unfinished_run", "sae.safetensors"): ("resume",),
     ("unfinished_run", "checkpoint.safetensors"): ("resume",),
     ("unfinished_run", "metrics.jsonl"): ("resume",),
     ("unfinished_run", "checksums.json"): ("resume",),
-    ("run", "checksums.json"): ("analyse",),
+    ("run", "checksums.json"): ("analyse", "export-saelens"),
     ("lens", "params.pt"): ("lens-eval", "cache-with-lens"),
     ("lens", "config.json"): ("lens-eval", "cache-with-lens"),
     ("lens", "training.json"): ("lens-rerun",),
@@ -612,6 +640,8 @@ DAMAGE_TARGETS: dict[tuple[str, str], tuple[str, ...]] = {
     ("analysis", "layer_distributions.parquet"): ("html-page-rebuild",),
     ("analysis", "latents/part-00000.parquet"): ("html-page-rebuild",),
     ("analysis", "latents/tokens.parquet"): ("html-page-rebuild",),
+    ("saelens", "blocks.1.hook_resid_post/cfg.json"): ("analyse-imported",),
+    ("saelens", "blocks.1.hook_resid_post/sae_weights.safetensors"): ("analyse-imported",),
 }
 DAMAGE_CASES = [
     pytest.param(artifact, name, reader, damage, id=f"{damage}/{artifact}/{name}/{reader}")
@@ -634,6 +664,30 @@ def test_a_damaged_run_config_that_is_still_valid_json_is_named_before_its_setti
     assert "config.json is damaged" in outcome.error_lines[0] and "--lr" not in outcome.error_lines[0]
     assert {k: v for k, v in snapshot(w.unfinished_run).items() if not k.endswith("config.json")} == {
         k: v for k, v in before.items() if not k.endswith("config.json")}  # fmt: skip
+
+
+EXPORTED_CFG_EDITS = {"renamed-normalisation-key": ('\n "normalize_activations"', '\n "Normalize_activations"'),
+                      "k-4-to-5": ('\n "k": 4,', '\n "k": 5,')}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", EXPORTED_CFG_EDITS)
+def test_a_damaged_exported_cfg_that_is_still_valid_json_is_named(edit, w, tmp_path, capsys):
+    """One flipped bit can leave an exported cfg.json valid JSON that reads as another SAE: a renamed
+    normalize_activations key reads as no normalisation (the whole analysis silently wrong, exit 0, before its
+    digest was recorded in sae_weights.safetensors), and k 4 -> 5 of one imported layer passes every shape check."""
+    folder = w.saelens / "blocks.1.hook_resid_post"
+    config = folder / "cfg.json"
+    old, new = EXPORTED_CFG_EDITS[edit]
+    text = config.read_text()
+    differing = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(differing) == 1 and bin(ord(differing[0][0]) ^ ord(differing[0][1])).count("1") == 1  # one flipped bit
+    assert text.count(old) == 1
+    config.write_text(text.replace(old, new))
+    (tmp_path / "out").mkdir()
+    before = snapshot(tmp_path)
+    outcome = call_main(analyse_main, analyse_argv(folder, w.cache, tmp_path / "out" / "analysis"), capsys)
+    assert_one_line_failure(outcome, f"{config} is damaged")
+    assert_unchanged(before, snapshot(tmp_path))
 
 
 @pytest.mark.parametrize("artifact, name, reader, damage", DAMAGE_CASES)
@@ -665,11 +719,12 @@ def test_every_written_file_kind_has_a_damage_case(world):
     """A file kind the pipeline starts writing (a checksum file, a new table) needs its own damage cases."""
     covered = {(artifact, name) for artifact, name in DAMAGE_TARGETS}
     uncovered = []
-    for artifact in ("cache", "run", "unfinished_run", "analysis", "lens", "unfinished_lens"):
+    for artifact in ("cache", "run", "unfinished_run", "analysis", "lens", "unfinished_lens", "saelens"):
         folder = getattr(world, artifact)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             name = str(path.relative_to(folder))
             kind = name.replace("000000", "000001").replace("000002", "000001").replace("000003", "000001")
+            kind = re.sub(r"^blocks\.\d+\.", "blocks.1.", kind)  # one SAELens folder per layer, all alike
             if any(path.match(pattern) for pattern in NOT_READ_BACK):
                 continue
             alike = {artifact, artifact.replace("unfinished_", ""), f"unfinished_{artifact}"}  # the same files
@@ -783,6 +838,18 @@ WRONG_KINDS: dict[str, tuple[Callable, Callable[[World, Path], list[str]]]] = {
     "lens eval --lens FILE": (lens_main, lambda w, t: lens_eval_argv(w, _a_file(t))),
     "sweep CONFIG=folder": (sweep.main, _sweep_in_folder),
     "sweep out=FILE": (sweep.main, _sweep_out_is_a_file),
+    "export saelens CACHE": (export_main, lambda w, t: export_saelens_argv(w.cache, t / "out" / "s")),
+    "export saelens ANALYSIS": (export_main, lambda w, t: export_saelens_argv(w.analysis, t / "out" / "s")),
+    "export saelens FILE": (export_main, lambda w, t: export_saelens_argv(_a_file(t), t / "out" / "s")),
+    "export saelens SAELENS": (export_main, lambda w, t: export_saelens_argv(w.saelens, t / "out" / "s")),
+    "export saelens UNFINISHED_RUN": (export_main, lambda w, t: export_saelens_argv(w.unfinished_run, t / "out" / "s")),
+    "export saelens --out FILE": (export_main, lambda w, t: export_saelens_argv(w.run, _a_file(t))),
+    "export saelens --out FILE/child": (export_main, lambda w, t: export_saelens_argv(w.run, _a_file(t) / "s")),
+    "export saelens --out RUN": (export_main, lambda w, t: export_saelens_argv(w.run, w.run)),
+    "export saelens --out SAELENS": (export_main, lambda w, t: export_saelens_argv(w.run, w.saelens)),
+    "export hub CACHE": (export_main, lambda w, t: ["hub", str(w.cache), "--repo", "org/name"]),
+    "analyse --run SAELENS --shards SAELENS": (analyse_main, lambda w, t: analyse_argv(w.saelens, w.saelens, t / "out" / "a")),
+    "analyse --run SAELENS --out SAELENS": (analyse_main, lambda w, t: analyse_argv(w.saelens, w.cache, w.saelens)),
 }  # fmt: skip
 
 
@@ -796,6 +863,14 @@ def test_wrong_kind_of_path(case, world, w, tmp_path, capsys):
     assert_one_line_failure(outcome)
     assert_unchanged(before, snapshot(tmp_path))
     assert not list((tmp_path / "out").iterdir()), "a refused command left files behind"
+
+
+@pytest.mark.parametrize("case", ["export saelens CACHE", "export hub CACHE"])
+def test_export_names_a_cache_given_as_its_run(case, w, tmp_path, capsys):
+    """Said as such, not as a missing sae.safetensors or (hub) an unreachable hub: the hub is never probed."""
+    main, argv = WRONG_KINDS[case]
+    (tmp_path / "out").mkdir()
+    assert_one_line_failure(call_main(main, argv(w, tmp_path), capsys), f"RUN {w.cache} is an activation cache")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -844,7 +919,7 @@ CASE_COUNT = len(OUTPUT_CASES) + len(SIGNAL_COMMANDS) * len(SIGNALS) + len(DAMAG
 
 def test_case_count():
     """The closing note's number of cases; every class of the issue is present."""
-    assert CASE_COUNT == 34 + 10 + 94 + 2 + 43 == 183
+    assert CASE_COUNT == 38 + 10 + 104 + 2 + 55 == 209
     assert {"read-only", "disk-full-at-once", "disk-full-midway"} <= set(OUTPUT_FAULTS) and set(SIGNALS) == {"SIGINT", "SIGKILL"}
     assert set(DAMAGES) == {"flipped", "truncated"}
 

@@ -325,3 +325,43 @@ def test_a_crosscoder_card_says_it_has_no_saelens_form():
     assert "no SAELens equivalent" in card and "mlsae-export saelens org/cc" not in card
     assert "base_model" not in card  # a local model folder is no hub id
     assert "4 per token (shared by its layers)" in card and "0-2 (3 layers)" in card
+
+
+def test_saelens_loads_the_runs_saelens_copies_straight_from_the_hub(trained, hub, monkeypatch, capsys):
+    """``--saelens`` puts the run's SAELens SAEs in the same commit; SAELens's own ``SAE.from_pretrained(repo, folder)``
+    fetches each from the (stand-in) hub and computes our latents, while ``load_sae`` still gets the run itself."""
+    from interop import require
+
+    import huggingface_hub.constants as hub_constants
+
+    sae_lens = require("sae_lens", "sae-lens")
+    # SAELens downloads through huggingface_hub's import-time endpoint and cache: point those at the stand-in too
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(Path(hub_constants.HF_HUB_CACHE).parent / "saelens-cache"))
+    assert upload(trained["run"], "--saelens", "--model-name", MODEL) == 0
+    capsys.readouterr()
+    files = hub.files("org/name")
+    folders = [f"saelens/blocks.{layer}.hook_resid_post" for layer in (3, 7)]
+    assert set(files) == RUN_FILES | {f"{folder}/{name}" for folder in folders for name in ("cfg.json", "sae_weights.safetensors")}
+    assert len(hub.repos["org/name"].commits) == 2  # one commit holds the run and its SAELens copies
+    recorded = set(json.loads(files["checksums.json"])["files"])
+    assert recorded == set(files) - {"checksums.json"}  # the copies are checked on download like the rest
+    card = files["README.md"].decode()
+    assert f'SAE.from_pretrained("org/name", "{folders[0]}")' in card
+
+    run = load_sae(trained["run"])
+    assert type(load_sae("org/name")) is type(run)  # the run, not its copies
+    x = torch.from_numpy(acts(40, 8, 3))  # [N, 2, d]
+    with torch.no_grad():
+        values, indices = run.encode(x)  # [N, L, k]
+    for position, folder in enumerate(folders):
+        saelens_sae = sae_lens.SAE.from_pretrained("org/name", folder)
+        assert saelens_sae.cfg.metadata.model_name == MODEL
+        with torch.no_grad():
+            theirs = saelens_sae.encode(x[:, position])  # [N, n] dense
+        ours = torch.zeros_like(theirs).scatter(1, indices[:, position], values[:, position])
+        assert torch.equal(theirs != 0, ours != 0)
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5 * float(ours.abs().max()))
+    imported = load_sae("org/name/saelens")  # the copies themselves: an imported per-layer baseline
+    assert imported.layers == [3, 7]

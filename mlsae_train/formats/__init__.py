@@ -4,7 +4,9 @@ Each format is one :class:`~.base.SAEFormat` (its own folder layout, read and, w
 dictionaries, write); ``FORMATS`` is the one name-to-format map. A foreign folder is either ONE SAE of a format
 (SAELens's ``cfg.json`` + ``sae_weights.safetensors``, sparsify's ``cfg.json`` + ``sae.safetensors``) or a folder
 whose subfolders are such SAEs, one per layer (a sparsify training run, an ``mlsae-export saelens`` folder): it
-loads as an :class:`~..imported.ImportedTopKSAEs`, a per-layer baseline of one SAE per layer.
+loads as an :class:`~..imported.ImportedTopKSAEs`, a per-layer baseline of one SAE per layer. A folder of the MLSAE
+paper's reference code (``config.json`` + ``model.safetensors``: reference.py) is ONE SAE shared by every layer:
+it loads as an :class:`~..imported.ImportedMLSAE`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import ForeignTopK, SAEFormat, layer_of_hook, transformer_lens_hook
+from .reference import REFERENCE
 from .saelens import SAELENS
 from .sparsify import SPARSIFY
 
-FORMATS: dict[str, SAEFormat] = {fmt.name: fmt for fmt in (SAELENS, SPARSIFY)}
+FORMATS: dict[str, SAEFormat] = {fmt.name: fmt for fmt in (SAELENS, SPARSIFY, REFERENCE)}
+OWN_CONFIG, OWN_WEIGHTS = "config.json", "sae.safetensors"
+"""What makes a folder one of our runs (mlsae_train/checkpoint.py; not imported from there: it imports this)."""
 
 __all__ = ["FORMATS", "ForeignTopK", "SAEFormat", "foreign_sae_dirs", "format_of", "layer_of_hook", "transformer_lens_hook"]
 
@@ -33,7 +38,7 @@ def foreign_sae_dirs(folder: str | Path) -> list[tuple[SAEFormat, Path]] | None:
     folder = Path(folder)
     if (fmt := format_of(folder)) is not None:
         return [(fmt, folder)]
-    if not folder.is_dir():
-        return None
+    if not folder.is_dir() or ((folder / OWN_CONFIG).is_file() and (folder / OWN_WEIGHTS).is_file()):
+        return None  # an mlsae-train run, even one with SAELens copies of itself below it (mlsae-export hub --saelens)
     found = [(fmt, sub) for sub in sorted(folder.iterdir()) if (fmt := format_of(sub)) is not None]
     return found or None

@@ -1,17 +1,20 @@
 """The interface every other tool's SAE folder format implements, and the one-layer SAE it reads into.
 
-A format (SAELens, sparsify) knows its own folder layout: which files make one SAE, how to read one into a
-:class:`ForeignTopK` (its weights in our orientation, and exactly how that tool computes its forward), and,
-where the format can hold our dictionaries, how to write a run's layers in that tool's own layout.
+A format (SAELens, sparsify, the MLSAE paper's reference code) knows its own folder layout: which files make one
+SAE, how to read one into a :class:`ForeignTopK` (its weights in our orientation, and exactly how that tool
+computes its forward), and, where the format can hold our dictionaries, how to write a run's layers in that
+tool's own layout.
 
 The forward a :class:`ForeignTopK` describes (the tool's own; the imported dictionary reproduces it):
 
-    u     = normalise_in(x)                   "none": u = x;  "standardize": SAELens's layer_norm, u = (x - mean) / (std + eps)
+    u     = normalise_in(x)                   "none": u = x;  "standardize": SAELens's layer_norm (the reference
+                                              code's standardize too), u = (x - mean) / (std + eps)
     pre   = (u - b_dec * apply_b_dec_to_input) @ W_enc.T + b_enc          [.., n]
     pre  *= ||W_dec[j]||                      only with rescale_acts_by_decoder_norm
     h     = ReLU(TopK_k(pre))                 (sparsify's TopK(ReLU(pre)) keeps the same latents and values)
     u_hat = h @ W_dec + b_dec                 with rescale_acts_by_decoder_norm: (h / ||W_dec[j]||) @ W_dec + b_dec
-    x_hat = u_hat * std + mean                "standardize" only (SAELens maps back with std, not std + eps)
+    x_hat = u_hat * std + mean                "standardize" only (SAELens and the reference code map back with std,
+                                              not std + eps)
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ InputNorm = Literal["none", "standardize"]
 
 @dataclass
 class ForeignTopK:
-    """One TopK SAE of another tool on one residual-stream layer, in our orientation (rows are latents)."""
+    """One TopK SAE of another tool on one residual-stream layer (or on every layer: ``layer`` None), in our
+    orientation (rows are latents)."""
 
     W_enc: torch.Tensor
     """[n, d] encoder rows."""
@@ -44,8 +48,9 @@ class ForeignTopK:
     """[d] decoder bias (subtracted from the input first when ``apply_b_dec_to_input``)."""
     k: int
     """Active latents per vector."""
-    layer: int
-    """The model block whose output (the residual stream after it) the SAE reads."""
+    layer: int | None
+    """The model block whose output (the residual stream after it) the SAE reads; None: one SAE shared by every
+    layer's residual stream (an MLSAE, as the reference code's: it loads as an ImportedMLSAE)."""
     input_norm: InputNorm
     """How the tool normalises each input vector (module docstring)."""
     apply_b_dec_to_input: bool = True
@@ -74,9 +79,10 @@ class SAEFormat(ABC):
         """The SAE in ``folder``; anything we cannot reproduce exactly (another architecture or activation, an
         unknown normalisation, a hook that is not the residual stream) is refused in one MlsaeError line."""
 
-    def export(self, sae: Dictionary, run_info: dict, out: Path) -> list[Path]:
+    def export(self, sae: Dictionary, run_info: dict, out: Path, model_name: str | None = None) -> list[Path]:
         """Write ``sae`` (with its run's config.json, ``run_info``) into the fresh folder ``out``, one SAE per
-        layer in this format's own layout; returns the SAE folders written. Formats that cannot hold a
+        layer in this format's own layout; returns the SAE folders written. ``model_name``: the model id to record
+        (default: the model as the run recorded it, which may be a local path). Formats that cannot hold a
         dictionary say so in one MlsaeError line."""
         from mlsae_cache.errors import MlsaeError
 

@@ -31,7 +31,7 @@ import torch
 
 from mlsae_cache.atomic import atomic_write_json
 from mlsae_cache.errors import MlsaeError
-from mlsae_cache.integrity import DIGEST_KEY, load_safetensors, save_safetensors
+from mlsae_cache.integrity import DIGEST_KEY, IntegrityError, load_safetensors, matches, object_digest, save_safetensors
 
 from .base import ForeignTopK, InputNorm, SAEFormat, layer_of_hook, transformer_lens_hook
 
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_DIGEST_KEY = "mlsae_cfg_digest"
+"""The digest of the cfg.json beside it, in the metadata of an exported sae_weights.safetensors (itself covered by the
+weights' own digest): a flipped bit can leave cfg.json valid JSON that reads as another SAE (a renamed
+``normalize_activations`` key reads as no normalisation), so the import verifies it whenever mlsae-export wrote it."""
 SAELENS_EPS = 1e-5
 """The eps of SAELens's layer_norm normalisation (fixed in SAELens)."""
 CFG_LAYOUT_VERSION = "6.0.0"
@@ -80,7 +84,8 @@ class SAELensFormat(SAEFormat):
 
     def read(self, folder: Path) -> ForeignTopK:
         folder = Path(folder)
-        cfg = _read_cfg(folder)
+        tensors, weights_metadata = _read_weights(folder / WEIGHTS_FILE)  # first: it holds the digest of an exported cfg
+        cfg = _read_cfg(folder, weights_metadata.get(CFG_DIGEST_KEY))
         metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         where = f"the SAELens SAE {folder}"
 
@@ -121,7 +126,6 @@ class SAELensFormat(SAEFormat):
         if not 0 < k <= d_sae:
             raise MlsaeError(f"{where} has k={k} for {d_sae} latents (d_sae); its {CFG_FILE} is inconsistent, re-save it")
 
-        tensors = _read_weights(folder / WEIGHTS_FILE)
         expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
         _check_tensors(tensors, expected, folder / WEIGHTS_FILE)
         W_enc = tensors["W_enc"].float().T.contiguous()  # [n, d]
@@ -145,15 +149,15 @@ class SAELensFormat(SAEFormat):
 
     # ---- export ----
 
-    def export(self, sae: Dictionary, run_info: dict, out: Path) -> list[Path]:
+    def export(self, sae: Dictionary, run_info: dict, out: Path, model_name: str | None = None) -> list[Path]:
         layer_weights = _layer_weights(sae)  # check everything before the first file is written
         _check_raw_space(run_info)
         data = run_info.get("data") or [{}]
         model = data[0].get("model")
-        hf_blocks = _hf_block_path(model)
+        hf_blocks = _hf_block_path(model)  # from the config of the model the run read (a local copy is fine)
         context_size = _context_size(run_info)
         common = {
-            "model_name": model,
+            "model_name": model_name or model,
             "model_class_name": "HookedTransformer",
             "context_size": context_size,
             "sae_lens_version": _saelens_version(),
@@ -172,7 +176,6 @@ class SAELensFormat(SAEFormat):
                 "W_dec": W_dec,  # [n, d]
                 "b_dec": b_pre,  # [d]
             }
-            save_safetensors(folder / WEIGHTS_FILE, {n: t.detach().float().contiguous() for n, t in weights.items()}, {})
             metadata = {**common, "hook_name": hook, "hf_hook_name": f"{hf_blocks}.{layer}" if hf_blocks else None,
                         "layer": layer}  # fmt: skip
             cfg = {
@@ -180,6 +183,9 @@ class SAELensFormat(SAEFormat):
                 "apply_b_dec_to_input": True, "normalize_activations": "layer_norm", "reshape_activations": "none",
                 "metadata": metadata, "k": sae.k, "rescale_acts_by_decoder_norm": False, "architecture": "topk",
             }  # fmt: skip
+            cfg_digest = object_digest(json.loads(json.dumps(cfg)))  # of the object as it is read back
+            save_safetensors(folder / WEIGHTS_FILE, {n: t.detach().float().contiguous() for n, t in weights.items()},
+                             {CFG_DIGEST_KEY: cfg_digest})  # fmt: skip
             atomic_write_json(folder / CFG_FILE, cfg)
             folders.append(folder)
         return folders
@@ -316,7 +322,8 @@ def _provenance(sae: Dictionary, run_info: dict) -> dict:
 # ---- import helpers ----
 
 
-def _read_cfg(folder: Path) -> dict:
+def _read_cfg(folder: Path, digest: str | None = None) -> dict:
+    """cfg.json's object, checked against ``digest`` (CFG_DIGEST_KEY of the weights) when mlsae-export wrote one."""
     path = folder / CFG_FILE
     fix = "point at a folder written by SAELens's save_model (cfg.json and sae_weights.safetensors)"
     try:
@@ -327,6 +334,11 @@ def _read_cfg(folder: Path) -> dict:
         raise MlsaeError(f"{path} is not valid JSON ({_first_line(exc)}); {fix}") from None
     if not isinstance(cfg, dict):
         raise MlsaeError(f"{path} holds no JSON object; {fix}")
+    if digest is not None and not matches(digest, lambda algorithm: object_digest(cfg, algorithm)):
+        raise IntegrityError(
+            f"{path} is damaged or edited: it does not match the checksum mlsae-export recorded in {WEIGHTS_FILE}; "
+            "export the run again (mlsae-export saelens), or restore the folder from a copy"
+        )
     return cfg
 
 
@@ -349,8 +361,8 @@ def _positive_int(cfg: dict, key: str, where: str) -> int:
     return value
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of sae_weights.safetensors (verified against its digest when mlsae wrote it)."""
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of sae_weights.safetensors (verified against its digest when mlsae wrote it)."""
     fix = "re-download the SAE or save it again with SAELens's save_model"
     if not path.is_file():
         raise MlsaeError(f"{path} does not exist; {fix}")
@@ -358,9 +370,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            if DIGEST_KEY in (f.metadata() or {}):
-                return load_safetensors(path, fix)[0]  # written by mlsae-export: checked against its digest
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle)
+            metadata = f.metadata() or {}
+            if DIGEST_KEY in metadata:
+                return load_safetensors(path, fix)  # written by mlsae-export: checked against its digest
+            return {name: f.get_tensor(name) for name in f.keys()}, metadata  # noqa: SIM118 (a safetensors handle)
     except MlsaeError:
         raise
     except Exception as exc:  # safetensors raises its own error types, OSError, or ValueError for a torn header
