@@ -19,6 +19,7 @@ The forward a :class:`ForeignTopK` describes (the tool's own; the imported dicti
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+from mlsae_cache.errors import MlsaeError
 
 if TYPE_CHECKING:
     from ..dictionary import Dictionary
@@ -84,8 +86,6 @@ class SAEFormat(ABC):
         layer in this format's own layout; returns the SAE folders written. ``model_name``: the model id to record
         (default: the model as the run recorded it, which may be a local path). Formats that cannot hold a
         dictionary say so in one MlsaeError line."""
-        from mlsae_cache.errors import MlsaeError
-
         raise MlsaeError(f"mlsae cannot export to the {self.name} format; use mlsae-export saelens")
 
 
@@ -113,3 +113,17 @@ def layer_of_hook(hook: str) -> int | None:
 def transformer_lens_hook(layer: int) -> str:
     """The TransformerLens hook name of the residual stream after block ``layer``."""
     return f"blocks.{layer}.hook_resid_post"
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path`` (a format's config); one MlsaeError line naming ``what`` it should be and the
+    ``fix`` when it is missing, unreadable, not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MlsaeError(f"{path} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MlsaeError(f"{path} is not valid JSON, so not a readable {what} ({type(exc).__name__}); {fix}") from None
+    if not isinstance(value, dict):
+        raise MlsaeError(f"{path} holds no JSON object, so no {what}; {fix}")
+    return value

@@ -31,7 +31,7 @@ from mlsae_cache.errors import MlsaeError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .base import ForeignTopK, SAEFormat
+from .base import ForeignTopK, SAEFormat, read_json_object
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,7 +72,7 @@ class ReferenceFormat(SAEFormat):
     def read(self, folder: Path) -> ForeignTopK:
         folder = Path(folder)
         repo = _hub_repo_of(folder)
-        config = _read_config(folder / CONFIG_FILE)
+        config = read_json_object(folder / CONFIG_FILE, "config of the reference code's MLSAE", FIX)
         _refuse_transformer(folder, config, repo)
         if repo and (named := _REPO_NAME.match(repo.split("/")[-1])) and named["lens"]:
             raise MlsaeError(f"{folder} is {repo}, an MLSAE of residuals transformed by a tuned lens (the reference's "
@@ -123,16 +123,6 @@ def _refuse_transformer(folder: Path, config: dict, repo: str | None) -> None:
         plain = f"tim-lawson/mlsae-{model}-x{config.get('expansion_factor')}-k{config.get('k')}{lens}"
     raise MlsaeError(f"{folder} is the reference code's Lightning checkpoint with the transformer (a -tfm repo), not its "
                      f"MLSAE alone; import the plain repo of the same name without -tfm ({plain})")  # fmt: skip
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MlsaeError(f"{path} is not a readable config of the reference code's MLSAE ({type(exc).__name__}); {FIX}") from None
-    if not isinstance(config, dict):
-        raise MlsaeError(f"{path} is not a config of the reference code's MLSAE (a JSON object); {FIX}")
-    return config
 
 
 def _int(config: dict, key: str, folder: Path) -> int:

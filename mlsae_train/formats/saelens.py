@@ -33,7 +33,7 @@ from mlsae_cache.atomic import atomic_write_json
 from mlsae_cache.errors import MlsaeError
 from mlsae_cache.integrity import DIGEST_KEY, IntegrityError, load_safetensors, matches, object_digest, save_safetensors
 
-from .base import ForeignTopK, InputNorm, SAEFormat, layer_of_hook, transformer_lens_hook
+from .base import ForeignTopK, InputNorm, SAEFormat, layer_of_hook, read_json_object, transformer_lens_hook
 
 if TYPE_CHECKING:
     from ..dictionary import Dictionary
@@ -326,14 +326,7 @@ def _read_cfg(folder: Path, digest: str | None = None) -> dict:
     """cfg.json's object, checked against ``digest`` (CFG_DIGEST_KEY of the weights) when mlsae-export wrote one."""
     path = folder / CFG_FILE
     fix = "point at a folder written by SAELens's save_model (cfg.json and sae_weights.safetensors)"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MlsaeError(f"{path} does not exist; {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MlsaeError(f"{path} is not valid JSON ({_first_line(exc)}); {fix}") from None
-    if not isinstance(cfg, dict):
-        raise MlsaeError(f"{path} holds no JSON object; {fix}")
+    cfg = read_json_object(path, "SAELens config", fix)
     if digest is not None and not matches(digest, lambda algorithm: object_digest(cfg, algorithm)):
         raise IntegrityError(
             f"{path} is damaged or edited: it does not match the checksum mlsae-export recorded in {WEIGHTS_FILE}; "

@@ -23,7 +23,7 @@ from mlsae_cache.errors import MlsaeError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .base import ForeignTopK, SAEFormat, layer_of_hook
+from .base import ForeignTopK, SAEFormat, layer_of_hook, read_json_object
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -40,7 +40,7 @@ class SparsifyFormat(SAEFormat):
 
     def read(self, folder: Path) -> ForeignTopK:
         folder = Path(folder)
-        cfg = _read_cfg(folder / CFG_FILE)
+        cfg = read_json_object(folder / CFG_FILE, "sparsify config", FIX)
         activation = cfg.get("activation", "topk")
         if activation != "topk":
             raise MlsaeError(f"{folder} is a sparsify SAE with the {activation!r} activation, which mlsae does not reproduce; "
@@ -75,16 +75,6 @@ class SparsifyFormat(SAEFormat):
         if cfg.get("multi_topk"):
             source["note"] = f"trained with multi-TopK (also decoding its top 4k); read, as sparsify infers, with its top k = {k}"
         return ForeignTopK(W_enc, b_enc, W_dec, b_dec, k, layer, "none", apply_b_dec_to_input=True, source=source)
-
-
-def _read_cfg(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MlsaeError(f"{path} is not a readable sparsify config ({type(exc).__name__}); {FIX}") from None
-    if not isinstance(cfg, dict):
-        raise MlsaeError(f"{path} is not a sparsify config (a JSON object); {FIX}")
-    return cfg
 
 
 def _int(cfg: dict, key: str, folder: Path) -> int:
