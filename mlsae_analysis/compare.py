@@ -15,7 +15,9 @@ Writes into --out:
   comparison.png/.pdf   per-layer FVU and delta CE, one line per run
   match_per_layer.*,    cross-dictionary matching (SPEC 9, mlsae_analysis/matching.py) of each MLSAE run
   match_crosscoder.*    against each per-layer / crosscoder run: parquet, json (the E[L | J] vs best-layer
-                        correlations) and heatmap; with several such pairs the stem gains both folder names
+                        correlations) and heatmap; with several such pairs the stem gains both folder names.
+                        An imported per-layer run on some of the MLSAE's layers is matched on those (the
+                        others are blank columns, never the best layer)
 """
 
 from __future__ import annotations
@@ -337,12 +339,16 @@ def matching_pairs(runs: Sequence[AnalysedRun]) -> list[tuple[AnalysedRun, Analy
 
 def write_matchings(runs: Sequence[AnalysedRun], out: Path, device: str) -> list[str]:
     """Match every MLSAE run's decoder against every per-layer and crosscoder run's (SPEC 9) and write
-    the results into ``out``; returns one line per pair for the terminal."""
+    the results into ``out``; returns one line per pair for the terminal. An imported run on some of the
+    MLSAE's layers is matched on those (the others are blank columns, matching.py); one on a layer the
+    MLSAE lacks is not matched, with a line saying why (E[L | J] is over the MLSAE's layers only)."""
     lines = []
     for mlsae_run, other, stem in matching_pairs(runs):
-        if mlsae_run.layers != other.layers:  # an imported run on other layers: E[L | J] is over the MLSAE's layers
+        lacking = [layer for layer in other.layers if layer not in mlsae_run.layers]
+        if lacking:
             lines.append(f"{stem}: not matched: {mlsae_run.folder.name} covers layers {mlsae_run.layers} but {other.folder.name} "
-                         f"{other.layers}; matching needs one SAE for each layer of the MLSAE, and no other")  # fmt: skip
+                         f"{other.layers}, with layer(s) {lacking} the MLSAE lacks; matching needs SAEs of the MLSAE's layers "
+                         "(all or some) and no other")  # fmt: skip
             continue
         seeds = {run.run_info.get("config", {}).get("seed") for run in (mlsae_run, other)}
         if len(seeds) == 1 and None not in seeds:
@@ -356,7 +362,10 @@ def write_matchings(runs: Sequence[AnalysedRun], out: Path, device: str) -> list
         matching.write_matching(match, out, stem=stem)
         c = match.correlation
         stats = f"Pearson {c.pearson:.3f}, Spearman {c.spearman:.3f}" if c.reason is None else f"correlation undefined ({c.reason})"
-        lines.append(f"{stem}: E[L | J] of {mlsae_run.folder.name} vs the best-matching layer of {other.folder.name}: {stats}")
+        without = match.layers_without_sae
+        among = (f" (SAEs at layers {list(other.layers)} only, none at {without}: the best layer among those)"
+                 if without else "")  # fmt: skip
+        lines.append(f"{stem}: E[L | J] of {mlsae_run.folder.name} vs the best-matching layer of {other.folder.name}{among}: {stats}")
     return lines
 
 

@@ -391,6 +391,8 @@ def write_analysis_html(
     model = Path(str(summary.get("model"))).name
     arch = str(summary.get("arch") or "mlsae")
     family = {"mlsae": "MLSAE", "per-layer": "Per-layer SAEs", "crosscoder": "Crosscoder"}.get(arch, arch)
+    if summary.get("imported"):  # trained elsewhere: say whose
+        family = f"Imported {family} ({', '.join(summary['imported'].get('formats') or [])})"
     title = f"{family} analysis: {model}, R={summary.get('expansion_factor')}, k={summary.get('k')}"
     body = (
         f'<section id="summary">{_warnings_html(summary)}<div class="stats">{_summary_cards(summary)}</div></section>'

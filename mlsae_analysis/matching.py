@@ -29,6 +29,13 @@ Written by :func:`write_matching` into a folder (an analysis's or a comparison's
 E[L | J] is measured on the position in the run's layer axis (0..L-1, as layer_distributions.py gives
 it), so the correlations use b_j's position on that axis too: Spearman's does not depend on how blocks
 are numbered, and Pearson's neither when the layers are evenly spaced.
+
+The other run may cover only SOME of the MLSAE's layers (per-layer SAEs trained elsewhere, e.g. published
+SAEs of layers 1, 3 and 5 only: mlsae_train/imported.py). The matrix keeps the MLSAE's L columns, and a
+layer without an SAE is a column of NaN (null in the table, blank in the heatmap, listed as
+``layers_without_sae`` in the JSON): b_j is the argmax over the layers the other run has, and the
+correlations still use its position on the MLSAE's axis, so that they mean what they mean in the full
+case. A layer of the other run that the MLSAE lacks is refused.
 """
 
 from __future__ import annotations
@@ -106,6 +113,26 @@ def _match_layers(mlsae_W_dec: torch.Tensor, layer_rows: torch.Tensor, chunk_siz
     return sim
 
 
+def on_layer_axis(similarity: torch.Tensor, other_layers: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
+    """similarity [n, L_other] of a run on other_layers (block numbers), spread over the MLSAE's layers
+    [n, L]: column i goes to other_layer[i]'s position in ``layers``; the layers the other run lacks are
+    columns of NaN. other_layers must be a subset of layers (one line naming the rest otherwise)."""
+    other_layers, layers = [int(layer) for layer in other_layers], [int(layer) for layer in layers]
+    if similarity.ndim != 2 or similarity.shape[1] != len(other_layers):
+        raise MlsaeError(f"the similarity matrix {tuple(similarity.shape)} must be [n_latents, {len(other_layers)}]: "
+                         f"one column per layer of {other_layers}")  # fmt: skip
+    foreign = [layer for layer in other_layers if layer not in layers]
+    if foreign or not other_layers or len(set(other_layers)) != len(other_layers):
+        what = f"layer(s) {foreign}, which the MLSAE lacks" if foreign else f"layers {other_layers}"
+        raise MlsaeError(f"the other run covers {what}; the MLSAE covers {layers}, and matching needs the other run "
+                         "on some of the MLSAE's layers (each once) and no other")  # fmt: skip
+    if other_layers == layers:
+        return similarity
+    spread = torch.full((similarity.shape[0], len(layers)), float("nan"), dtype=similarity.dtype, device=similarity.device)
+    spread[:, [layers.index(layer) for layer in other_layers]] = similarity  # [n, L]
+    return spread
+
+
 # ----------------------------------------------------------------------------------------------
 # the summary: best layer and its correlation with E[L | J]
 
@@ -173,7 +200,7 @@ class LayerMatch:
 
     against: str  # the other family: "per-layer" or "crosscoder"
     layers: tuple[int, ...]  # [L] the model's block number of each layer column
-    similarity: np.ndarray  # [n, L] sim[j, l]
+    similarity: np.ndarray  # [n, L] sim[j, l]; a column of NaN: a layer the other run has no SAE for
     expected_layer: np.ndarray  # [n] E[L | J=j] on the layer axis 0..L-1; NaN: not active on the test set
     best_index: np.ndarray  # [n] int64 b_j, the position of the best layer on the layer axis
     best_similarity: np.ndarray  # [n] sim[j, b_j]
@@ -184,15 +211,34 @@ class LayerMatch:
         """[n] int64 the model's block number of each latent's best layer, layers[b_j]."""
         return np.asarray(self.layers, dtype=np.int64)[self.best_index]
 
+    @property
+    def missing(self) -> np.ndarray:
+        """[L] bool: the layer columns the other run has no dictionary for (all NaN)."""
+        return _missing_columns(self.similarity)
+
+    @property
+    def layers_without_sae(self) -> list[int]:
+        """The block numbers of the MLSAE's layers that the other run lacks ([] when it covers them all)."""
+        return [layer for layer, missing in zip(self.layers, self.missing) if missing]
+
+
+def _missing_columns(similarity: np.ndarray) -> np.ndarray:
+    """[L] bool: the columns of similarity [n, L] that are NaN through and through (none when n = 0)."""
+    if similarity.shape[0] == 0:
+        return np.zeros(similarity.shape[1], dtype=bool)
+    return np.isnan(similarity).all(axis=0)
+
 
 def summarise_match(
     similarity: torch.Tensor | np.ndarray, layers: Sequence[int], expected_layer: np.ndarray, against: str
 ) -> LayerMatch:
     """Best layers and their correlation with E[L | J] from sim [n, L].
 
-    layers: the model's block number of each column (the runs' layers, e.g. ``sae.layers``).
+    layers: the model's block number of each column (the MLSAE's layers, e.g. ``sae.layers``).
     expected_layer: [n] E[L | J=j] per latent on the layer axis 0..L-1, NaN for latents not active on
     the test set (:func:`expected_layer_per_latent` builds it from latent_layers.parquet).
+    A column entirely NaN is a layer the other run has no SAE for (:func:`on_layer_axis`): it is never
+    the best; any other NaN is refused.
     """
     if torch.is_tensor(similarity):
         similarity = similarity.detach().cpu().numpy()
@@ -208,9 +254,15 @@ def summarise_match(
             f"E[L | J] has shape {expected_layer.shape} but there are {similarity.shape[0]} latents; "
             "pass one value per latent (NaN: inactive)"
         )
-    if np.isnan(similarity).any():
-        raise MlsaeError("the similarity matrix holds NaN; compute it with match_per_layer or match_crosscoder")
-    best_index = similarity.argmax(axis=1).astype(np.int64)  # [n], ties: the first layer
+    missing = _missing_columns(similarity)  # [L] layers without an SAE
+    if np.isnan(similarity[:, ~missing]).any():
+        raise MlsaeError("the similarity matrix holds NaN outside whole columns of layers without an SAE; "
+                         "compute it with match_per_layer or match_crosscoder")  # fmt: skip
+    if missing.all():
+        raise MlsaeError(f"the similarity matrix has no SAE at any of the layers {list(layers)} (every column is NaN); "
+                         "match a run that covers at least one of the MLSAE's layers")  # fmt: skip
+    scored = np.where(missing, -np.inf, similarity) if missing.any() else similarity  # [n, L] a missing layer never wins
+    best_index = scored.argmax(axis=1).astype(np.int64)  # [n], ties: the first layer
     best_similarity = np.take_along_axis(similarity, best_index[:, None], axis=1)[:, 0]  # [n]
     correlation = layer_correlation(expected_layer, best_index)
     return LayerMatch(against, layers, similarity, expected_layer, best_index, best_similarity, correlation)
@@ -237,22 +289,25 @@ def expected_layer_per_latent(latent_table: pl.DataFrame, n_latents: int) -> np.
 
 def matching_table(match: LayerMatch) -> pl.DataFrame:
     """One row per latent, in latent order: latent, expected_layer (null: not active), best_layer (block
-    number), best_similarity, then sim_layer_<block> for every layer."""
+    number), best_similarity, then sim_layer_<block> for every layer of the MLSAE (null throughout for a
+    layer the other run has no SAE for)."""
     n = match.similarity.shape[0]
+    missing = match.missing  # [L]
     return pl.DataFrame(
         {
             "latent": np.arange(n, dtype=np.int64),
             "expected_layer": pl.Series(match.expected_layer, dtype=pl.Float64).fill_nan(None),
             "best_layer": match.best_layer,
             "best_similarity": match.best_similarity,
-            **{f"{SIM_PREFIX}{layer}": match.similarity[:, i] for i, layer in enumerate(match.layers)},
+            **{f"{SIM_PREFIX}{layer}": pl.Series(match.similarity[:, i]).fill_nan(None) if missing[i] else match.similarity[:, i]
+               for i, layer in enumerate(match.layers)},  # fmt: skip
         }
     )
 
 
 def read_matching_table(path: str | Path) -> LayerMatch:
     """A LayerMatch from a matching table written by :func:`write_matching` (``against`` from its JSON
-    beside it when present)."""
+    beside it when present; a sim column null throughout: a layer without an SAE, back to NaN)."""
     fix = "write the matching again"
     if not Path(path).is_file():
         raise MlsaeError(f"there is no matching table at {path}; write it with write_matching")
@@ -268,7 +323,8 @@ def read_matching_table(path: str | Path) -> LayerMatch:
 
 
 def correlation_summary(match: LayerMatch) -> dict:
-    """The JSON beside the table: the correlations, what they are over, and how many latents each layer wins."""
+    """The JSON beside the table: the correlations, what they are over, and how many latents each layer wins
+    (0 for the ``layers_without_sae``, the MLSAE's layers the other run has no SAE for)."""
     active = np.isfinite(match.expected_layer)
     won = np.bincount(match.best_index[active], minlength=len(match.layers))  # [L]
     return {
@@ -278,6 +334,7 @@ def correlation_summary(match: LayerMatch) -> dict:
         "correlated": "E[L | J] with the best layer's position on the layer axis, over latents active on the test set",
         "best_similarity_mean": float(match.best_similarity[active].mean()) if active.any() else None,
         "best_layer_counts": {str(layer): int(count) for layer, count in zip(match.layers, won)},
+        "layers_without_sae": match.layers_without_sae,
     }
 
 
@@ -308,6 +365,10 @@ def _default_title(match: LayerMatch) -> str:
     else:
         stats = f"correlation undefined: {c.reason}"
     heading = f"MLSAE decoder rows against the {match.against} decoders: max cosine similarity per layer"
+    lacking = match.layers_without_sae
+    if lacking:
+        named = f"layer{'s' if len(lacking) > 1 else ''} {', '.join(map(str, lacking))}"
+        heading += f"\n(no SAE at {named}: left blank; best layer among the others)"
     return f"{heading}\nE[L | J] vs best layer: {stats}"
 
 
@@ -322,12 +383,15 @@ def match_runs(
     chunk_size: int = DEFAULT_CHUNK,
     device: str | torch.device = "cpu",
 ) -> LayerMatch:
-    """The matching of an MLSAE run against a per-layer or crosscoder run trained on the same layers.
+    """The matching of an MLSAE run against a per-layer or crosscoder run on the same layers or on some of
+    them (per-layer SAEs trained elsewhere may cover fewer: the missing layers are NaN columns, see the
+    module docstring); a layer the MLSAE lacks is refused in one line.
 
     Runs are run directories or .safetensors files (``mlsae_train.load_sae``); E[L | J] comes from the
-    MLSAE's analysis folder (its latent_layers.parquet, checked against its checksums). The similarity is
-    computed on ``device``; the other run's decoders stay on the CPU and go there one layer at a time.
-    Write the result with :func:`write_matching`.
+    MLSAE's analysis folder (its latent_layers.parquet, checked against its checksums). The MLSAE's layer
+    axis is the run's layers, or, for an imported MLSAE that records none, its analysis's (summary.json).
+    The similarity is computed on ``device``; the other run's decoders stay on the CPU and go there one
+    layer at a time. Write the result with :func:`write_matching`.
     """
     mlsae = load_sae(mlsae_run, device=device)
     other = load_sae(other_run)
@@ -336,13 +400,27 @@ def match_runs(
     matchers = {"per-layer": match_per_layer, "crosscoder": match_crosscoder}
     if other.arch not in matchers:
         raise MlsaeError(f"{other_run} holds a {other.arch} dictionary; match against a {' or a '.join(matchers)} run")
-    if mlsae.layers and list(mlsae.layers) != list(other.layers):
+    layers = _mlsae_layers(mlsae, mlsae_analysis, other.layers)  # the MLSAE's layer axis, E[L | J]'s
+    lacking = sorted(set(int(layer) for layer in other.layers) - set(layers))
+    if lacking or not other.layers:
         raise MlsaeError(
-            f"the MLSAE was trained on layers {list(mlsae.layers)} but {other_run} on {list(other.layers)}; "
-            "match runs trained on the same layers of the same cache"
-        )
+            f"the MLSAE was trained on layers {layers} but {other_run} on {list(other.layers)}, layer(s) {lacking} of "
+            "which the MLSAE lacks; match runs trained on the same layers of the same cache, or SAEs of some of the MLSAE's layers"
+        )  # fmt: skip
     if not (Path(mlsae_analysis) / layout.LATENT_LAYERS).is_file():
         raise MlsaeError(f"{mlsae_analysis} holds no {layout.LATENT_LAYERS}; pass the folder mlsae-analyse wrote for {mlsae_run}")
     expected = expected_layer_per_latent(layout.read_table(mlsae_analysis, layout.LATENT_LAYERS), mlsae.n_latents)
-    similarity = matchers[other.arch](mlsae.W_dec, other.W_dec, chunk_size)  # [n, L]
-    return summarise_match(similarity, other.layers, expected, other.arch)
+    similarity = matchers[other.arch](mlsae.W_dec, other.W_dec, chunk_size)  # [n, L_other]
+    return summarise_match(on_layer_axis(similarity, other.layers, layers), layers, expected, other.arch)  # [n, L]
+
+
+def _mlsae_layers(mlsae, mlsae_analysis: str | Path, other_layers: Sequence[int]) -> list[int]:
+    """The MLSAE's layer axis: its run's layers; for one that records none (an imported MLSAE), its
+    analysis's (summary.json); with neither, the other run's (nothing says they differ)."""
+    if mlsae.layers:
+        return [int(layer) for layer in mlsae.layers]
+    if (Path(mlsae_analysis) / layout.SUMMARY).is_file():
+        analysed = layout.read_summary(mlsae_analysis).get("layers")
+        if analysed:
+            return [int(layer) for layer in analysed]
+    return [int(layer) for layer in other_layers]

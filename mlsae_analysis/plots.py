@@ -448,7 +448,8 @@ def plot_matching_heatmap(
     rows (linear, 0 to 1). similarity [n, L]; expected_layer [n] on the layer axis 0..L-1 (NaN: not
     active on the test set, left out: it has no place in the order); layers: the block number of each
     row. Consecutive latents are averaged into at most ``max_columns`` columns; over them, a line of the
-    mean E[L | J] and (given best_index [n]) dots at the mean best layer, both in layer-axis units.
+    mean E[L | J] and (given best_index [n]) dots at the mean best layer, both in layer-axis units. A
+    layer whose similarities are all NaN (the other run has no SAE there) is a blank row, labelled so.
     """
     from matplotlib import patheffects
 
@@ -464,6 +465,9 @@ def plot_matching_heatmap(
         raise MlsaeError("no latent has an E[L | J] (none is active on the test set); there is nothing to order the heatmap by")
     order = active[np.lexsort((active, expected_layer[active]))]  # [J] ascending E[L | J], ties by latent id
     image = binned_columns(similarity[order].T, max_columns)  # [L, columns]
+    without_sae = np.isnan(similarity).all(axis=0)  # [L] rows left blank
+    if without_sae.any():
+        image = np.ma.masked_invalid(image)  # masked cells are not painted: the axes' white shows
     n_columns = image.shape[1]
     edges = np.linspace(0, order.size, n_columns + 1).round()  # [columns + 1] the bins of binned_columns
     centres = (edges[:-1] + edges[1:]) / 2 - 0.5  # [columns]
@@ -479,6 +483,9 @@ def plot_matching_heatmap(
         best = np.asarray(best_index, dtype=np.float64)[order][None, :]  # [1, J]
         axes.plot(centres, binned_columns(best, max_columns)[0], linestyle="none", marker=".",
                   markersize=2.5 if n_columns > 100 else 6, color="tab:red", label="best-matching layer")  # fmt: skip
+    for row in np.flatnonzero(without_sae):  # at the left edge, under the line and dots that may cross the row
+        axes.text(0.01, row, f"no SAE at layer {layers[row]}", transform=axes.get_yaxis_transform(), ha="left", va="center",
+                  fontsize=7, color="0.4", zorder=1.5)  # fmt: skip
     step = max(1, math.ceil(n_layers / 12))
     axes.set_yticks(range(0, n_layers, step), [str(layers[i]) for i in range(0, n_layers, step)])
     axes.set_ylim(n_layers - 0.5, -0.5)

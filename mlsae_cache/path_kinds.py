@@ -45,11 +45,13 @@ def require_cache_path(path: str | Path, flag: str) -> None:
         )
 
 
-def require_run_path(path: str | Path, flag: str = "--run") -> None:
-    """Refuse a cache passed where a training run (or its sae.safetensors) is expected."""
+def require_run_path(path: str | Path, flag: str = "--run", cache_goes_to: str | None = "--shards") -> None:
+    """Refuse a cache passed where a training run (or its sae.safetensors) is expected; ``cache_goes_to``: the
+    option of the same command that takes a cache, named in the fix (None: the command takes none)."""
     path = Path(path)
     if is_cache_dir(path) and not is_run_dir(path):
+        elsewhere = f" (and the cache at {cache_goes_to})" if cache_goes_to else ""
         raise MlsaeError(
             f"{flag} {path} is an activation cache (written by mlsae-cache), not a training run; "
-            f"point {flag} at the --out of mlsae-train (and the cache at --shards)"
+            f"point {flag} at the --out of mlsae-train{elsewhere}"
         )

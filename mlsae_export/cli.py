@@ -36,7 +36,7 @@ def build_parser(command: str) -> OneLineErrorParser:
 
 def saelens_main(argv: Sequence[str]) -> int:
     config: SaelensExportConfig = config_from_args(SaelensExportConfig, build_parser("saelens").parse_args(argv))
-    require_run_path(config.run, "RUN")
+    require_run_path(config.run, "RUN", cache_goes_to=None)
     run = resolve_run(config.run)
     sae, progress = load_sae_and_progress(run)
     if is_imported(sae):
@@ -55,7 +55,7 @@ def saelens_main(argv: Sequence[str]) -> int:
 
 def hub_main(argv: Sequence[str]) -> int:
     config: HubExportConfig = config_from_args(HubExportConfig, build_parser("hub").parse_args(argv))
-    require_run_path(config.run, "RUN")  # before the hub is probed: a cache is named as such, offline too
+    require_run_path(config.run, "RUN", cache_goes_to=None)  # before the hub is probed: a cache is named as such, offline too
     from .upload import upload_run
 
     url = upload_run(config)

@@ -22,7 +22,7 @@ Each case asserts: a non-zero exit with exactly one ``error:`` line and no trace
 it. Commands run in this process through their ``main(argv)`` (fast); signals go to child processes forked
 from one that imported every command once (tests/faults.py: Zygote). The tiny
 pipeline (a 2-layer GPT-NeoX of width 16, 256 tokens) is built once per module.
-``test_case_count`` states the number of cases: 209 (38 output faults, 10 signals, 104 damaged files,
+``test_case_count`` states the number of cases: 211 (38 output faults, 12 signals, 104 damaged files,
 2 non-finite shards, 55 wrong kinds of path).
 """
 
@@ -515,6 +515,10 @@ SIGNAL_COMMANDS: dict[str, SignalCase] = {
     "mlsae-lens-train": SignalCase("mlsae_cache.lens_cli:main", lens_main, lambda w, t: lens_train_argv(w, t / "out" / "lens"),
                                    lambda w, t: (t / "out" / "lens").exists, 1.5, lambda w, t: lens_train_argv(w, t / "out" / "lens"),
                                    lambda w, t, world: _check_lens(t / "out" / "lens", w, world)),
+    "mlsae-export-saelens": SignalCase("mlsae_export.cli:main", export_main, lambda w, t: export_saelens_argv(w.run, t / "out" / "saelens"),
+                                       lambda w, t: _partial_of(t / "out" / "saelens"), 0.3,
+                                       lambda w, t: export_saelens_argv(w.run, t / "out" / "saelens"),
+                                       lambda w, t, world: _check_saelens(t / "out" / "saelens", w, world)),
     "sweep.py": SignalCase(str(REPO / "scripts" / "sweep.py"), sweep.main, _sweep_argv, lambda w, t: (t / "out" / "sweep").exists, 6.0,
                            lambda w, t: sweep_argv(t / "config" / "sweep.toml"), lambda w, t, world: _check_sweep(t / "out" / "sweep", w, world)),
 }  # fmt: skip
@@ -870,7 +874,9 @@ def test_export_names_a_cache_given_as_its_run(case, w, tmp_path, capsys):
     """Said as such, not as a missing sae.safetensors or (hub) an unreachable hub: the hub is never probed."""
     main, argv = WRONG_KINDS[case]
     (tmp_path / "out").mkdir()
-    assert_one_line_failure(call_main(main, argv(w, tmp_path), capsys), f"RUN {w.cache} is an activation cache")
+    outcome = call_main(main, argv(w, tmp_path), capsys)
+    assert_one_line_failure(outcome, f"RUN {w.cache} is an activation cache")
+    assert "--shards" not in outcome.error_lines[0]  # mlsae-export takes no cache: the fix names none
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -919,7 +925,7 @@ CASE_COUNT = len(OUTPUT_CASES) + len(SIGNAL_COMMANDS) * len(SIGNALS) + len(DAMAG
 
 def test_case_count():
     """The closing note's number of cases; every class of the issue is present."""
-    assert CASE_COUNT == 38 + 10 + 104 + 2 + 55 == 209
+    assert CASE_COUNT == 38 + 12 + 104 + 2 + 55 == 211
     assert {"read-only", "disk-full-at-once", "disk-full-midway"} <= set(OUTPUT_FAULTS) and set(SIGNALS) == {"SIGINT", "SIGKILL"}
     assert set(DAMAGES) == {"flipped", "truncated"}
 

@@ -278,12 +278,44 @@ def test_compare_on_the_shared_layers_says_trained_elsewhere(analysed, tmp_path,
     printed = capsys.readouterr().out
     assert "(sparsify, trained elsewhere)" in printed and "training cache is not checked" in printed
     assert "Compared on the layers all runs share (0, 2); left out: mlsae-run-analysis [1] " in printed
-    assert "not matched" in printed  # the MLSAE's E[L | J] runs over layer 1 too
+    assert "not matched" not in printed
+    assert "match_per_layer: E[L | J] of mlsae-run-analysis vs the best-matching layer of sparsify-02-analysis " \
+           "(SAEs at layers [0, 2] only, none at [1]: the best layer among those): " in printed  # fmt: skip
     table = pl.read_csv(out / "comparison.csv", infer_schema_length=None)
     mlsae_rows = table.filter(pl.col("arch") == "mlsae")
     assert mlsae_rows["layer"].cast(pl.String).to_list() == ["0", "2", "mean"]
     written = layout.read_table(analysed["mlsae-run"], layout.METRICS).filter(pl.col("layer").is_in(["0", "2"]))["fvu"]
     assert mlsae_rows["fvu"][-1] == pytest.approx(float(written.cast(pl.Float64).mean()))
+    # the matching on the MLSAE's layer axis 0, 1, 2 with layer 1 empty, recomputed by brute force
+    mlsae, imported = load_sae(analysed["root"] / "mlsae-run"), load_sae(analysed["root"] / "sparsify-02")
+    rows = torch.nn.functional.normalize(mlsae.W_dec.detach().double(), dim=1).numpy()  # [n, d]
+    decoders = torch.nn.functional.normalize(imported.W_dec.detach().double(), dim=2).numpy()  # [2, m, d]: layers 0, 2
+    brute = np.full((rows.shape[0], len(LAYERS)), np.nan)  # [n, 3]
+    brute[:, [0, 2]] = np.stack([(rows @ layer.T).max(axis=1) for layer in decoders], axis=1)
+    match = pl.read_parquet(out / "match_per_layer.parquet").sort("latent")
+    sims = match.select([f"sim_layer_{l}" for l in LAYERS])
+    assert sims["sim_layer_1"].null_count() == match.height and sims["sim_layer_0"].null_count() == 0
+    np.testing.assert_allclose(sims.to_numpy(), brute, rtol=1e-5, atol=1e-6)  # NaN where null, on both sides
+    best_position = np.where(brute[:, 2] > brute[:, 0], 2, 0)  # [n] on the MLSAE's axis; layer 1 never
+    close = np.abs(brute[:, 2] - brute[:, 0]) < 1e-5  # float ties may go either way
+    assert (match["best_layer"].to_numpy()[~close] == best_position[~close]).all()
+    assert set(match["best_layer"].to_list()) <= {0, 2}
+    latent_layers = layout.read_table(analysed["mlsae-run"], layout.LATENT_LAYERS)
+    expected = np.full(rows.shape[0], np.nan)
+    expected[latent_layers["latent"].to_numpy()] = latent_layers["mean_layer"].to_numpy()
+    np.testing.assert_array_equal(match["expected_layer"].fill_null(np.nan).to_numpy(), expected)
+    summary = json.loads((out / "match_per_layer.json").read_text())
+    assert summary["layers"] == LAYERS and summary["layers_without_sae"] == [1] and summary["best_layer_counts"]["1"] == 0
+    active = np.isfinite(expected)
+    best = match["best_layer"].to_numpy()[active].astype(float)  # positions = block numbers here (layers 0, 1, 2)
+    assert summary["n_active"] == active.sum() and sum(summary["best_layer_counts"].values()) == active.sum()
+    assert summary["reason"] is None  # both layers win some latents (14 and 18 of 32 here)
+
+    def ranks(values: np.ndarray) -> np.ndarray:  # 1 + #below + (#equal others) / 2: ties share their mean rank
+        return 1 + (values[None, :] < values[:, None]).sum(1) + ((values[None, :] == values[:, None]).sum(1) - 1) / 2
+
+    assert summary["pearson"] == pytest.approx(np.corrcoef(expected[active], best)[0, 1], abs=1e-9)
+    assert summary["spearman"] == pytest.approx(np.corrcoef(ranks(expected[active]), ranks(best))[0, 1], abs=1e-9)
 
 
 def test_compare_matches_the_mlsae_against_a_full_imported_suite(analysed, tmp_path, capsys):

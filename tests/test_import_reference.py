@@ -165,7 +165,8 @@ def test_analysis_of_a_reference_folder_is_an_imported_mlsae(analysed):
     fvu = (x - x_hat).square().sum(dim=(0, 2)) / (x - x.mean(dim=0)).square().sum(dim=(0, 2))
     metrics = layout.read_table(analysis, layout.METRICS).filter(pl.col("layer") != "mean")
     np.testing.assert_allclose(metrics["fvu"].to_numpy(), fvu.numpy(), rtol=1e-5)
-    assert "analysed as an MLSAE" in next(analysis.glob("*.html")).read_text()
+    page = next(analysis.glob("*.html")).read_text()
+    assert "analysed as an MLSAE" in page and "Imported MLSAE (reference) analysis" in page
 
 
 def test_compare_says_the_reference_mlsae_was_trained_elsewhere(analysed, tmp_path, capsys):

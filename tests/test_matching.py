@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,6 +23,7 @@ from mlsae_analysis.matching import (
     match_per_layer,
     match_runs,
     matching_table,
+    on_layer_axis,
     read_matching_table,
     summarise_match,
     write_matching,
@@ -332,3 +334,192 @@ def test_match_runs_loads_both_families_and_the_expected_layers(tmp_path) -> Non
         match_runs(tmp_path / "mlsae.safetensors", tmp_path / "other_layers.safetensors", analysis)
     with pytest.raises(MlsaeError, match="holds no latent_layers.parquet"):
         match_runs(tmp_path / "mlsae.safetensors", tmp_path / "per_layer.safetensors", tmp_path)
+
+
+# ---- another run on only some of the MLSAE's layers (SAEs trained elsewhere: issue 14) ----
+
+
+def brute_subset_match(mlsae: np.ndarray, layer_rows: np.ndarray, positions: list[int], n_layers: int, expected: np.ndarray):
+    """By hand: sim [n, n_layers] with NaN at the layers without an SAE, the best position on the MLSAE's axis
+    (argmax over the present layers, ties to the first) and both correlations over the active latents."""
+    sim = np.full((mlsae.shape[0], n_layers), np.nan)
+    sim[:, positions] = brute_force_sim(mlsae, layer_rows)
+    best = np.array([max(positions, key=lambda p: (row[p], -p)) for row in sim])  # [n] the first of the largest
+    active = np.isfinite(expected)
+    x, y = expected[active].tolist(), best[active].astype(float).tolist()
+    return sim, best, brute_pearson(x, y), brute_pearson(brute_ranks(x), brute_ranks(y))
+
+
+def test_subset_of_layers_equals_brute_force_on_the_mlsae_axis() -> None:
+    """The other run has SAEs at blocks 3, 6 and 7 of the MLSAE's 2..7: its columns land at positions 1, 4
+    and 5, the others are NaN; b_j and the correlations are on the MLSAE's axis 0..5, as computed by hand."""
+    layers, other_layers, positions = [2, 3, 4, 5, 6, 7], [3, 6, 7], [1, 4, 5]
+    mlsae, sub = random_decoders(40, 3, 9, 6, seed=10)  # sub [3, m, d]
+    with torch.no_grad():  # plant: latents 0..5 copy a row of layer position i % 3 (rescaled), so they win there
+        for j in range(6):
+            mlsae[j] = sub[j % 3, j] * (j + 1)
+    rng = np.random.default_rng(11)
+    expected = rng.uniform(0, 5, size=40)
+    expected[[7, 19, 33]] = np.nan
+    sim = on_layer_axis(match_per_layer(mlsae, sub, chunk_size=7), other_layers, layers)
+    match = summarise_match(sim, layers, expected, "per-layer")
+    brute_sim, brute_best, brute_r, brute_rho = brute_subset_match(mlsae.numpy(), sub.numpy(), positions, 6, expected)
+    np.testing.assert_allclose(match.similarity, brute_sim, rtol=0, atol=1e-6)  # NaN at the same places
+    assert np.isnan(match.similarity[:, [0, 2, 3]]).all() and match.layers == tuple(layers)
+    assert match.best_index.tolist() == brute_best.tolist()
+    assert match.best_index[:6].tolist() == [positions[j % 3] for j in range(6)]  # the planted layers
+    assert set(match.best_layer.tolist()) <= set(other_layers)
+    np.testing.assert_array_equal(match.best_similarity, np.take_along_axis(match.similarity, match.best_index[:, None], 1)[:, 0])
+    c = match.correlation
+    assert (c.n_latents, c.n_active, c.reason) == (40, 37, None)
+    assert (c.pearson, c.spearman) == pytest.approx((brute_r, brute_rho), abs=1e-12)
+    # the position on the MLSAE's axis, not on the other run's (0, 1, 2): Pearson's differs, the gaps being uneven
+    active = np.isfinite(expected)
+    own_axis = np.searchsorted(positions, match.best_index)[active].astype(float)
+    assert abs(c.pearson - brute_pearson(expected[active].tolist(), own_axis.tolist())) > 1e-3
+    assert match.layers_without_sae == [2, 4, 5]
+
+
+def test_the_full_case_is_untouched_by_the_layer_axis() -> None:
+    sim = torch.rand(5, 3)
+    assert on_layer_axis(sim, [1, 2, 3], [1, 2, 3]) is sim  # nothing copied, nothing reordered
+    match = summarise_match(sim, [1, 2, 3], np.arange(5.0), "per-layer")
+    assert match.layers_without_sae == [] and not match.missing.any()
+    assert match.best_index.tolist() == sim.argmax(dim=1).tolist()
+
+
+def test_a_missing_layer_never_wins_and_other_nans_are_refused() -> None:
+    nan = np.nan
+    similarity = np.array([[-0.5, nan, -0.2], [-0.1, nan, -0.9], [0.3, nan, 0.3]])  # cosines may all be negative
+    match = summarise_match(similarity, [0, 1, 2], np.array([0.0, 2.0, 1.0]), "per-layer")
+    assert match.best_index.tolist() == [2, 0, 0] and match.layers_without_sae == [1]
+    with pytest.raises(MlsaeError, match="holds NaN outside whole columns"):
+        summarise_match(np.array([[0.1, nan], [0.2, 0.3]]), [0, 1], np.zeros(2), "per-layer")
+    with pytest.raises(MlsaeError, match="no SAE at any of the layers"):
+        summarise_match(np.full((2, 2), nan), [0, 1], np.zeros(2), "per-layer")
+
+
+def test_one_layer_leaves_the_correlation_undefined_with_its_reason() -> None:
+    mlsae, sub = random_decoders(12, 1, 5, 4, seed=12)
+    sim = on_layer_axis(match_per_layer(mlsae, sub), [4], [2, 3, 4])
+    match = summarise_match(sim, [2, 3, 4], np.linspace(0, 2, 12), "per-layer")
+    assert match.best_layer.tolist() == [4] * 12
+    assert match.correlation.pearson is None and "same best layer (position 2)" in match.correlation.reason
+
+
+def test_other_layers_than_the_mlsaes_are_refused_in_one_line() -> None:
+    for other, says in (([1, 5], r"layer\(s\) \[5\], which the MLSAE lacks"), ([], "layers \\[\\]"), ([1, 1], r"layers \[1, 1\]")):
+        with pytest.raises(MlsaeError, match=says) as refused:
+            on_layer_axis(torch.zeros(3, len(other)), other, [0, 1, 2])
+        assert "\n" not in str(refused.value)
+
+
+def test_subset_files_have_null_columns_and_round_trip(tmp_path) -> None:
+    mlsae, sub = random_decoders(30, 2, 8, 5, seed=13)
+    expected = np.linspace(0, 3, 30)
+    expected[::5] = np.nan
+    match = summarise_match(on_layer_axis(match_per_layer(mlsae, sub), [0, 3], [0, 1, 2, 3]), [0, 1, 2, 3], expected, "per-layer")
+    write_matching(match, tmp_path)
+    table = pl.read_parquet(tmp_path / f"{layout.MATCH_PER_LAYER}.parquet")
+    assert table.columns[4:] == [f"sim_layer_{layer}" for layer in (0, 1, 2, 3)]
+    assert [table[f"sim_layer_{layer}"].null_count() for layer in (0, 1, 2, 3)] == [0, 30, 30, 0]
+    assert table["sim_layer_1"].is_nan().sum() == 0  # null, not NaN
+    assert set(table["best_layer"].to_list()) <= {0, 3}
+    back = read_matching_table(tmp_path / f"{layout.MATCH_PER_LAYER}.parquet")
+    assert back.layers == (0, 1, 2, 3) and back.layers_without_sae == [1, 2]
+    np.testing.assert_array_equal(back.similarity, match.similarity)  # NaN at the same places
+    np.testing.assert_array_equal(back.best_index, match.best_index)
+    assert back.correlation == match.correlation
+    summary = json.loads((tmp_path / f"{layout.MATCH_PER_LAYER}.json").read_text())
+    assert summary["layers"] == [0, 1, 2, 3] and summary["layers_without_sae"] == [1, 2]
+    assert summary["best_layer_counts"]["1"] == summary["best_layer_counts"]["2"] == 0
+    assert summary["best_layer_counts"]["0"] + summary["best_layer_counts"]["3"] == 24 == summary["n_active"]
+    # a table with a null inside a present column is refused on reading, as any other NaN
+    damaged = table.with_columns(pl.when(pl.col("latent") == 3).then(None).otherwise(pl.col("sim_layer_0")).alias("sim_layer_0"))
+    write_parquet(damaged, tmp_path / "damaged.parquet")
+    record_files(tmp_path, ["damaged.parquet"])
+    with pytest.raises(MlsaeError, match="holds NaN outside whole columns"):
+        read_matching_table(tmp_path / "damaged.parquet")
+
+
+def test_subset_heatmap_leaves_the_missing_layers_blank(tmp_path, monkeypatch) -> None:
+    """The PNG: the rows of layers without an SAE are white (the axes' background), the others painted; the
+    line and dots stay in the MLSAE's layer-axis units; the blank rows say so."""
+    from mlsae_analysis import plots
+
+    real_save, drawn = plots.save_figure, {}
+    monkeypatch.setattr(plots, "save_figure", lambda figure, stem: (drawn.setdefault("figure", figure), real_save(figure, stem))[1])
+    rng = np.random.default_rng(14)
+    n, layers = 400, [0, 1, 2, 3, 4]
+    expected = rng.uniform(0, 4, size=n)
+    similarity = np.clip(1 - 0.3 * np.abs(np.arange(5)[None, :] - expected[:, None]), 0.05, 1)  # [n, 5]
+    similarity[:, [1, 3]] = np.nan
+    match = summarise_match(similarity, layers, expected, "per-layer")
+    png = write_matching(match, tmp_path)[2]
+    axes = drawn["figure"].axes[0]
+    image = axes.images[0].get_array()
+    assert np.ma.getmaskarray(image)[[1, 3]].all() and not np.ma.getmaskarray(image)[[0, 2, 4]].any()
+    texts = [text.get_text() for text in axes.texts]
+    assert texts == ["no SAE at layer 1", "no SAE at layer 3"]
+    order = np.lexsort((np.arange(n), expected))
+    np.testing.assert_allclose(axes.lines[1].get_ydata(), match.best_index[order])  # positions 0, 2 or 4
+    pixels = imread(png)[..., :3]  # [H, W, 3] in 0..1
+    height, width = pixels.shape[:2]
+
+    def pixel(x: float, row: int) -> np.ndarray:  # the PNG pixel at data point (x, row), via figure fractions
+        fx, fy = drawn["figure"].transFigure.inverted().transform(axes.transData.transform((x, row + 0.3)))
+        return pixels[int((1 - fy) * height), int(fx * width)]
+
+    for x in (n * 0.5, n * 0.9):  # away from the label (left) and the E[L | J] line (it crosses rows 1 and 3 near n/4, 3n/4)
+        assert np.allclose(pixel(x, 1), 1.0) and np.allclose(pixel(x, 3), 1.0)  # blank
+        assert not np.allclose(pixel(x, 0), 1.0) and not np.allclose(pixel(x, 4), 1.0)  # painted
+
+
+def test_match_runs_on_some_of_the_mlsaes_layers(tmp_path, monkeypatch) -> None:
+    """A per-layer run on blocks 1 and 3 of the MLSAE's 1, 2, 3 is matched on the MLSAE's axis (block 2 empty);
+    an MLSAE that records no layers takes its analysis's (summary.json)."""
+    g = torch.Generator().manual_seed(15)
+    per_layer, mlsae = PerLayerSAEs(8, 16, 2, [1, 3]), MultiLayerSAE(8, 6, 2, [1, 2, 3])
+    with torch.no_grad():
+        per_layer.W_dec.copy_(torch.randn(per_layer.W_dec.shape, generator=g))
+        mlsae.W_dec.copy_(torch.randn(mlsae.W_dec.shape, generator=g))
+        mlsae.W_dec[0] = per_layer.W_dec[1, 4] * 2  # latent 0 is block 3's row 4
+    save_sae(per_layer, tmp_path / "per_layer.safetensors")
+    save_sae(mlsae, tmp_path / "mlsae.safetensors")
+    analysis = tmp_path / "analysis"
+    write_parquet(pl.DataFrame({"latent": [0, 1, 2, 3, 5], "mean_layer": [1.9, 0.2, 1.0, 0.7, 1.4]}), analysis / layout.LATENT_LAYERS)
+    record_files(analysis)
+    got = match_runs(tmp_path / "mlsae.safetensors", tmp_path / "per_layer.safetensors", analysis, chunk_size=4)
+    assert got.layers == (1, 2, 3) and got.layers_without_sae == [2]
+    np.testing.assert_array_equal(got.similarity[:, [0, 2]], match_per_layer(mlsae.W_dec, per_layer.W_dec, chunk_size=4).numpy())
+    assert np.isnan(got.similarity[:, 1]).all() and got.best_layer[0] == 3 and got.best_index[0] == 2
+    brute = brute_subset_match(mlsae.W_dec.detach().numpy(), per_layer.W_dec.detach().numpy(), [0, 2], 3, got.expected_layer)
+    assert got.best_index.tolist() == brute[1].tolist()
+    assert (got.correlation.pearson, got.correlation.spearman) == pytest.approx(brute[2:], abs=1e-12)
+
+    class NoLayers:  # an imported MLSAE records no layers: the analysis's summary.json gives the axis
+        arch, layers, n_latents, W_dec = "mlsae", [], 6, mlsae.W_dec.detach()
+
+    from mlsae_analysis import matching
+
+    (analysis / layout.SUMMARY).write_text(json.dumps({"layers": [0, 1, 2, 3]}))
+    record_files(analysis, [layout.SUMMARY], create=False)
+    loaded = {"mlsae": NoLayers(), "per_layer": per_layer}
+    monkeypatch.setattr(matching, "load_sae", lambda run, device="cpu": loaded[Path(run).stem])
+    on_summary = match_runs(tmp_path / "mlsae.safetensors", tmp_path / "per_layer.safetensors", analysis)
+    assert on_summary.layers == (0, 1, 2, 3) and on_summary.layers_without_sae == [0, 2]
+    assert on_summary.best_index[0] == 3  # block 3 is position 3 on this axis
+
+
+def test_compare_skips_a_run_on_a_layer_the_mlsae_lacks_with_a_line(tmp_path) -> None:
+    """write_matchings: SAEs at layers 2 and 3 beside an MLSAE on 0..2 are not matched (layer 3 has no
+    E[L | J]); the line names the layer, and nothing is written or loaded."""
+    from mlsae_analysis.compare import AnalysedRun, write_matchings
+
+    def analysed(name: str, arch: str, layers: list[int]) -> AnalysedRun:
+        summary = {"run": str(tmp_path / name), "layers": layers}  # no run there: a matching would fail to load it
+        return AnalysedRun(tmp_path / f"{name}-analysis", summary, arch, pl.DataFrame({"layer": layers}), [], {}, {})
+
+    lines = write_matchings([analysed("m", "mlsae", [0, 1, 2]), analysed("p", "per-layer", [2, 3])], tmp_path / "out", "cpu")
+    assert len(lines) == 1 and "not matched" in lines[0] and "with layer(s) [3] the MLSAE lacks" in lines[0]
+    assert not (tmp_path / "out").exists()
