@@ -28,6 +28,8 @@ from mlsae_cache.errors import MlsaeError
 from mlsae_cache.hub import hub_offline_by_setting, hub_reachable
 from mlsae_cache.integrity import RECORD_FILE, IntegrityError, recorded_files, verify_files
 
+from .formats import check_hub_name
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 RUN_FILE_PATTERNS = ("*.json", "*.safetensors", "metrics.jsonl", "README.md")
@@ -98,6 +100,7 @@ def resolve_run(spec: str | Path) -> Path:
     name = parse_hub_name(str(spec))
     if name is None or Path(name.repo_id.split("/")[0]).is_dir():  # a local folder ORG: a mistyped local path
         return path
+    check_hub_name(name.repo_id)  # a repo known by its name to be unreadable: said before any download
     return fetch_run(name)
 
 

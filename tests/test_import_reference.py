@@ -246,3 +246,20 @@ def test_a_hub_snapshot_records_its_repo_and_model_and_lens_repos_are_refused(tm
                         "--out", str(tmp_path / "out")]) == 2  # fmt: skip
     assert_one_line_error(capsys.readouterr().err, "another tool's SAEs")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_authors_tfm_and_lens_repos_are_refused_by_name_before_any_download(monkeypatch):
+    """Offline, so that only a refusal by name can come first: nothing is fetched (a -tfm repo holds the transformer)."""
+    from mlsae_train.hub import resolve_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MlsaeError) as caught:
+        resolve_run("tim-lawson/mlsae-pythia-70m-deduped-x64-k32-tfm")
+    assert "use tim-lawson/mlsae-pythia-70m-deduped-x64-k32 (the same name" in str(caught.value)
+    with pytest.raises(MlsaeError) as caught:
+        resolve_run("tim-lawson/mlsae-pythia-70m-deduped-x64-k32-lens")
+    assert "tuned lens" in str(caught.value)
+    for name in ("tim-lawson/mlsae-pythia-70m-deduped-x64-k32", "someone/mlsae-pythia-70m-deduped-x64-k32-tfm"):
+        with pytest.raises(MlsaeError) as caught:  # judged by its files, once fetched: here, offline and not cached
+            resolve_run(name)
+        assert "cannot reach the Hugging Face Hub" in str(caught.value)

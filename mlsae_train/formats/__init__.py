@@ -22,7 +22,8 @@ FORMATS: dict[str, SAEFormat] = {fmt.name: fmt for fmt in (SAELENS, SPARSIFY, RE
 OWN_CONFIG, OWN_WEIGHTS = "config.json", "sae.safetensors"
 """What makes a folder one of our runs (mlsae_train/checkpoint.py; not imported from there: it imports this)."""
 
-__all__ = ["FORMATS", "ForeignTopK", "SAEFormat", "foreign_sae_dirs", "format_of", "layer_of_hook", "transformer_lens_hook"]
+__all__ = ["FORMATS", "ForeignTopK", "SAEFormat", "check_hub_name", "foreign_sae_dirs", "format_of", "layer_of_hook",
+           "transformer_lens_hook"]
 
 
 def format_of(folder: Path) -> SAEFormat | None:
@@ -42,3 +43,9 @@ def foreign_sae_dirs(folder: str | Path) -> list[tuple[SAEFormat, Path]] | None:
         return None  # an mlsae-train run, even one with SAELens copies of itself below it (mlsae-export hub --saelens)
     found = [(fmt, sub) for sub in sorted(folder.iterdir()) if (fmt := format_of(sub)) is not None]
     return found or None
+
+
+def check_hub_name(repo_id: str) -> None:
+    """Refuse, before anything is downloaded, a hub repo that a format knows by its name to be unreadable here."""
+    for fmt in FORMATS.values():
+        fmt.check_repo_name(repo_id)

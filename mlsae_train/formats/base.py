@@ -81,6 +81,10 @@ class SAEFormat(ABC):
         """The SAE in ``folder``; anything we cannot reproduce exactly (another architecture or activation, an
         unknown normalisation, a hook that is not the residual stream) is refused in one MlsaeError line."""
 
+    def check_repo_name(self, repo_id: str) -> None:
+        """Refuse, in one MlsaeError line and before anything is downloaded, a hub repo this format knows by its name
+        to hold something mlsae cannot read (default: none)."""
+
     def export(self, sae: Dictionary, run_info: dict, out: Path, model_name: str | None = None) -> list[Path]:
         """Write ``sae`` (with its run's config.json, ``run_info``) into the fresh folder ``out``, one SAE per
         layer in this format's own layout; returns the SAE folders written. ``model_name``: the model id to record

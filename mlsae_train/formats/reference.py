@@ -56,6 +56,18 @@ _REPO_NAME = re.compile(r"^mlsae-(?P<model>.+?)-x\d+-k\d+(?P<lens>-lens)?(?P<tfm
 class ReferenceFormat(SAEFormat):
     name = "reference"
 
+    def check_repo_name(self, repo_id: str) -> None:
+        """The authors' -tfm repos (with the transformer: hundreds of MB to download for nothing) and -lens repos
+        are refused by name, before the download."""
+        org, _, name = repo_id.partition("/")
+        named = _REPO_NAME.match(name) if org == REFERENCE_ORG else None
+        if named and named["tfm"]:
+            raise MlsaeError(f"{repo_id} is the reference code's Lightning checkpoint with the transformer, not its MLSAE "
+                             f"alone; use {repo_id[: -len('-tfm')]} (the same name without -tfm)")  # fmt: skip
+        if named and named["lens"]:
+            raise MlsaeError(f"{repo_id} is an MLSAE of residuals transformed by a tuned lens (the reference's "
+                             "--tuned_lens), which mlsae does not reproduce; use the repo without -lens")  # fmt: skip
+
     def recognises(self, folder: Path) -> bool:
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             return False
@@ -99,6 +111,10 @@ class ReferenceFormat(SAEFormat):
         b_dec = tensors["pre_encoder_bias"]  # [d], subtracted before the encoder and added after the decoder
         return ForeignTopK(W_enc, torch.zeros(n_latents), W_dec, b_dec, k, None, "standardize" if standardize else "none",
                            apply_b_dec_to_input=True, eps=STANDARDIZE_EPS, source=source)  # fmt: skip
+
+
+REFERENCE_ORG = "tim-lawson"
+"""Where the reference's repos are published: only names there are judged by name before a download."""
 
 
 def _hub_repo_of(folder: Path) -> str | None:
