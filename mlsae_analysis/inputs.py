@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 
 from mlsae_cache import open_cache
 from mlsae_cache import shard_format as sf
-from mlsae_cache.errors import CacheError, MlsaeError
+from mlsae_cache.errors import CacheError, MlsaeError, first_line
 from mlsae_cache.integrity import verify_files
 from mlsae_cache.reader import Cache, verify_shards
 from mlsae_train import Dictionary
@@ -62,8 +62,6 @@ def _load_trained_sae(run: Path) -> tuple[Dictionary, dict | None]:
     """load_sae (verified against its checksum) and its training progress; an unfinished run or an
     unreadable file reported as one line. Other tools' SAE folders load as an imported per-layer baseline,
     with no training progress of ours."""
-    if foreign_sae_dirs(run) is not None:
-        return load_sae_and_progress(run)[0], None  # every damage is refused in one line by the formats
     file = run / SAE_FILE if run.is_dir() else run
     if run.is_dir() and not file.exists() and (run / CHECKPOINT_FILE).exists():
         raise MlsaeError(
@@ -75,8 +73,10 @@ def _load_trained_sae(run: Path) -> tuple[Dictionary, dict | None]:
     except MlsaeError:
         raise
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise MlsaeError(f"{file} is not a readable SAE checkpoint ({reason}); train it again or restore the file") from None
+    if is_imported(sae):  # another tool's folder (every damage refused in one line by its format): no progress of ours
+        return sae, None
     if progress is None:  # weights saved before they recorded it: the checkpoint written right after them does
         progress = training_progress(run)
     return sae, training_record(progress)
@@ -98,14 +98,15 @@ def training_record(progress: dict | None) -> dict | None:
     }
 
 
-def check_finished(run: Path, training: dict | None, allow_unfinished: bool) -> None:
-    """Refuse weights saved before the run's last step (killed, or stopped by a full disk) unless allowed."""
+def check_finished(run: Path, training: dict | None, allow_unfinished: bool, use: str = "analyse") -> None:
+    """Refuse weights saved before the run's last step (killed, or stopped by a full disk) unless allowed; ``use``:
+    what the command would do with them (analyse, export, upload), for the fix."""
     if training is None or training["finished"] or allow_unfinished:
         return
     raise MlsaeError(
         f"the run {run} was stopped after step {training['steps']:,} of {training['total_steps']:,} "
         f"({training['tokens']:,} of {training['total_tokens']:,} tokens); finish it with mlsae-train --resume, "
-        "or pass --allow-unfinished to analyse these weights as they are"
+        f"or pass --allow-unfinished to {use} these weights as they are"
     )
 
 
@@ -132,9 +133,10 @@ def open_run_and_cache(run: str | Path, shards: str | Path, allow_unfinished: bo
     sae, training = _load_trained_sae(run)
     check_finished(run, training, allow_unfinished)
     cache = open_cache(shards)
-    info = read_run_info(run)
-    if is_imported(sae):
+    if is_imported(sae):  # no config.json of ours: where the SAEs came from, and the checks' warnings
         info = {"sources": sae.sources, "warnings": _check_imported(sae, run, shards, cache)}
+    else:
+        info = read_run_info(run)
     if sae.d_model != cache.d_model:
         raise MlsaeError(
             f"the SAE in {run} has width {sae.d_model} but the cache {shards} has d_model {cache.d_model}; "

@@ -7,8 +7,17 @@ import socket
 from urllib.parse import urlparse
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+"""The settings that each put the Hugging Face libraries offline."""
+
+
+def offline_settings() -> list[str]:
+    """The OFFLINE_VARIABLES set to a true value now."""
+    return [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+
+
 def hub_offline_by_setting() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return bool(offline_settings())
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

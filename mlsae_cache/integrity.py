@@ -28,7 +28,7 @@ import torch
 
 from . import shard_format as sf
 from .atomic import atomic_write, atomic_write_json
-from .errors import MlsaeError
+from .errors import MlsaeError, first_line
 
 ALGORITHM = sf.SHARD_CHECKSUM  # the shards' hash (BLAKE3); a digest names its algorithm, so records of another keep verifying
 DIGEST_KEY = "mlsae_digest"
@@ -169,7 +169,7 @@ def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta
 
 
 def _unreadable(path: Path, exc: BaseException, fix: str) -> IntegrityError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = first_line(exc)
     return IntegrityError(f"{path} is truncated or not a safetensors file ({reason}); {fix}")
 
 

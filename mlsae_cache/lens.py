@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MlsaeError
+from .errors import MlsaeError, first_line
 from .integrity import RECORD_FILE, IntegrityError, has_record, verify_files, warn_once
 from .hub import hub_reachable
-from .lm import _first_line, d_model_of, is_local, n_layers_of, resolve_model_name, unembedding_of
+from .lm import d_model_of, is_local, n_layers_of, resolve_model_name, unembedding_of
 from .shard_format import file_sha256
 
 LENS_CONFIG = "config.json"
@@ -91,7 +91,7 @@ def load_lens(path: str | Path, n_layers: int, d_model: int) -> Lens:
     try:
         state = torch.load(params_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn zip, a pickle error, an unexpected type: torch raises many kinds
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise IntegrityError(f"{params_path} cannot be read ({reason}): it is truncated or not a tuned-lens params.pt; {LENS_FIX}") from None
     if not isinstance(state, dict):
         raise IntegrityError(f"{params_path} is not a tuned-lens params.pt (it holds no state dict); {LENS_FIX}")
@@ -180,7 +180,7 @@ def resolve_lens_dir(spec: str) -> Path:
     try:
         config_path, _params_path = load_lens_artifacts(name)
     except Exception as exc:  # huggingface_hub raises many error types (not found, gated, network)
-        raise MlsaeError(f"no pretrained tuned lens for {name} could be downloaded ({_first_line(exc)}); train one with mlsae-lens train") from None
+        raise MlsaeError(f"no pretrained tuned lens for {name} could be downloaded ({first_line(exc, 200)}); train one with mlsae-lens train") from None
     return Path(config_path).parent
 
 

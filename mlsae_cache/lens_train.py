@@ -35,7 +35,7 @@ from tuned_lens.nn.unembed import Unembed
 
 from .atomic import atomic_write, atomic_write_json
 from .distributed import resolve_device
-from .errors import MlsaeError
+from .errors import MlsaeError, first_line
 from .integrity import RECORD_FILE, IntegrityError, record_files, with_digest, without_checked_digest
 from .lens import LENS_CONFIG, LENS_PARAMS, canonical_model_name, load_lens_for_model
 from .lens_config import LensDataOptions, LensEvalConfig, LensTrainConfig
@@ -228,7 +228,7 @@ def _read_checkpoint(checkpoint: Path) -> dict:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn zip, a pickle error: torch raises many kinds
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise IntegrityError(f"{checkpoint} cannot be read ({reason}): it is truncated or damaged; {fix}") from None
     if not isinstance(state, dict):
         raise IntegrityError(f"{checkpoint} is not a lens training checkpoint; {fix}")

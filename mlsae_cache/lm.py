@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import MlsaeError
+from .errors import MlsaeError, first_line
 from .hub import hub_reachable
 
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
@@ -55,7 +55,7 @@ def load_tokenizer(name: str, revision: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as exc:
-        raise MlsaeError(f"cannot load a tokenizer for {name} ({_first_line(exc)}); check the model name or directory") from None
+        raise MlsaeError(f"cannot load a tokenizer for {name} ({first_line(exc, 200)}); check the model name or directory") from None
 
 
 def load_model(name: str, revision: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -67,13 +67,8 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
     try:
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise MlsaeError(f"cannot load model {name} ({_first_line(exc)}); check the model name or directory") from None
+        raise MlsaeError(f"cannot load model {name} ({first_line(exc, 200)}); check the model name or directory") from None
     return model.to(device).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def n_layers_of(model: nn.Module) -> int:

@@ -42,7 +42,7 @@ def saelens_main(argv: Sequence[str]) -> int:
     if is_imported(sae):
         raise MlsaeError(f"{config.run} holds another tool's SAEs, not an mlsae-train run; export a run trained with mlsae-train")
     training = training_record(progress)
-    check_finished(run, training, config.allow_unfinished)
+    check_finished(run, training, config.allow_unfinished, "export")
     run_info = {**read_run_info(run), "training": training}  # the export's metadata records the tokens trained
     folders: list[Path] = []
     out = Path(config.out)

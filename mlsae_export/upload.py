@@ -19,10 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlsae_analysis.inputs import read_run_info, training_record
+from mlsae_analysis.inputs import check_finished, read_run_info, training_record
 from mlsae_analysis.layout import read_summary
 from mlsae_cache.atomic import atomic_write_text
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, first_line
 from mlsae_cache.integrity import RECORD_FILE, has_record, record_files, verify_files, warn_once
 from mlsae_train.checkpoint import CONFIG_FILE, METRICS_FILE, SAE_FILE, load_sae_and_progress, weights_digest
 from mlsae_train.formats import FORMATS
@@ -83,11 +83,7 @@ def _stage(run: Path, staged: Path, repo_id: str, config: HubExportConfig) -> Pa
     if is_imported(sae):
         raise MlsaeError(f"{run} holds another tool's SAEs, not an mlsae-train run; upload a run trained with mlsae-train")
     training = training_record(progress)
-    if training is not None and not training["finished"] and not config.allow_unfinished:
-        raise MlsaeError(
-            f"the run {run} was stopped after step {training['steps']:,} of {training['total_steps']:,}; finish it with "
-            "mlsae-train --resume, or pass --allow-unfinished to upload these weights as they are (the card says how far they got)"
-        )
+    check_finished(run, training, config.allow_unfinished, "upload")  # the card says how far they got
     run_info = read_run_info(staged)
     summary = None
     if config.analysis is not None:
@@ -181,7 +177,7 @@ def _commit(staged: Path, repo_id: str, private: bool, token: str, run: Path) ->
 
 
 def _lost(endpoint: str, repo_id: str, exc: BaseException) -> MlsaeError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return MlsaeError(
         f"lost the connection to the Hugging Face Hub ({endpoint}) while uploading to {repo_id} ({reason}); the upload "
         "is one commit, so the repo holds all of its files or none: run the same command again"

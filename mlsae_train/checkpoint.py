@@ -11,7 +11,8 @@
 Every file is written under a temporary name in the run directory and renamed into place, so a
 kill at any moment leaves either the previous file or the new one, never a torn one. Both safetensors
 files carry a checksum of their tensors and metadata (mlsae_cache.integrity) that every load checks;
-sae.safetensors also records the progress (step, tokens, total_steps) it was saved at.
+sae.safetensors also records the progress (step, tokens, total_steps) it was saved at. The file names are
+run_files.py's (a leaf module, which formats/ reads too).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 from mlsae_cache.atomic import atomic_write  # noqa: F401 - tests import it from here
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, first_line
 from mlsae_cache.integrity import DIGEST_KEY, load_safetensors, read_safetensors_metadata, save_safetensors
 
 from .dead_latents import DeadLatentTracker
@@ -31,11 +32,8 @@ from .families import build_dictionary
 from .formats import foreign_sae_dirs
 from .hub import resolve_run
 from .imported import load_imported
+from .run_files import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, SAE_FILE  # noqa: F401 - imported from here
 
-CONFIG_FILE = "config.json"
-SAE_FILE = "sae.safetensors"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-METRICS_FILE = "metrics.jsonl"
 WEIGHT_NAMES = ("W_enc", "W_dec", "b_pre")
 
 
@@ -168,7 +166,7 @@ def load_checkpoint(
         torch.set_rng_state(tensors["rng.torch"])
         return json.loads(metadata["progress"])
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a checkpoint of another shape or program
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise MlsaeError(f"{path} is not a checkpoint of this run ({reason}); {RESUME_FIX}") from None
 
 

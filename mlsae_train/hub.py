@@ -24,14 +24,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlsae_cache.errors import MlsaeError
-from mlsae_cache.hub import hub_offline_by_setting, hub_reachable
+from mlsae_cache.errors import MlsaeError, first_line
+from mlsae_cache.hub import hub_reachable, offline_settings
 from mlsae_cache.integrity import RECORD_FILE, IntegrityError, recorded_files, verify_files
 
 from .formats import check_hub_name
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 RUN_FILE_PATTERNS = ("*.json", "*.safetensors", "metrics.jsonl", "README.md")
 """What is fetched of a repo (below SUBFOLDER when given): a run's or a foreign SAE folder's files, not the rest."""
 
@@ -80,9 +79,8 @@ def hub_cache_dir() -> Path:
 
 def hub_unreachable_reason() -> str | None:
     """Why the hub cannot be used now (offline by setting, or the endpoint does not answer), or None."""
-    if hub_offline_by_setting():
-        named = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
-        return f"{' and '.join(named) or 'offline mode'} is set"
+    if named := offline_settings():
+        return f"{' and '.join(named)} is set"
     if not hub_reachable():
         return f"{hub_endpoint()} does not answer"
     return None
@@ -126,7 +124,7 @@ def fetch_run(name: HubName) -> Path:
         cause = exc.__cause__
         if unreachable is None and isinstance(cause, HfHubHTTPError):  # the hub answered: what it said
             raise _hub_answer(name, cause) from None
-        reason = unreachable or f"the connection failed ({_first_line(cause or exc)})"
+        reason = unreachable or f"the connection failed ({first_line(cause or exc)})"
         raise MlsaeError(
             f"cannot reach the Hugging Face Hub to fetch {name}: {reason}, and the hub cache {cache} holds no complete copy "
             "of it; run where the hub is reachable, or download the repo and pass its folder"
@@ -135,11 +133,11 @@ def fetch_run(name: HubName) -> Path:
         raise _hub_answer(name, exc) from None
     except transport_errors() as exc:  # the connection dropped during a download
         raise MlsaeError(
-            f"lost the connection to the Hugging Face Hub while fetching {name} ({_first_line(exc)}); run the same command "
+            f"lost the connection to the Hugging Face Hub while fetching {name} ({first_line(exc)}); run the same command "
             "again (what was downloaded is kept in the hub cache)"
         ) from None
     except OSError as exc:  # writing the cache: disk full, read-only
-        raise MlsaeError(f"cannot write {name} into the hub cache {cache} ({_first_line(exc)}); free space or set HF_HUB_CACHE") from None
+        raise MlsaeError(f"cannot write {name} into the hub cache {cache} ({first_line(exc)}); free space or set HF_HUB_CACHE") from None
     finally:
         hub_log.setLevel(level)
     folder = snapshot / name.subfolder if name.subfolder else snapshot
@@ -188,7 +186,7 @@ def _hub_answer(name: HubName, exc: Exception) -> MlsaeError:
         )
     response = getattr(exc, "response", None)
     status = response.status_code if response is not None else "an error"
-    return MlsaeError(f"the Hugging Face Hub answered {status} when fetching {name} ({_first_line(exc)}); try again later")
+    return MlsaeError(f"the Hugging Face Hub answered {status} when fetching {name} ({first_line(exc)}); try again later")
 
 
 def verify_download(folder: Path, name: HubName, repo_cache: Path) -> None:
@@ -222,6 +220,3 @@ def _check_hub_hash(path: Path, fix: str) -> None:
         raise IntegrityError(f"{path} is damaged: its content does not match the hash the hub gave it; {fix}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,7 +24,8 @@ from mlsae_cache.errors import MlsaeError
 from mlsae_export.cli import main as export_main
 from mlsae_export.model_card import is_hub_model_id, model_card
 from mlsae_train import TrainConfig, load_sae, save_sae, train
-from mlsae_train.hub import OFFLINE_VARIABLES, parse_hub_name, resolve_run, verify_download
+from mlsae_cache.hub import OFFLINE_VARIABLES
+from mlsae_train.hub import parse_hub_name, resolve_run, verify_download
 from models import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]

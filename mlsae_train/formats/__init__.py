@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..run_files import CONFIG_FILE, SAE_FILE
 from .base import ForeignTopK, SAEFormat, layer_of_hook, transformer_lens_hook
 from .reference import REFERENCE
 from .saelens import SAELENS
 from .sparsify import SPARSIFY
 
 FORMATS: dict[str, SAEFormat] = {fmt.name: fmt for fmt in (SAELENS, SPARSIFY, REFERENCE)}
-OWN_CONFIG, OWN_WEIGHTS = "config.json", "sae.safetensors"
-"""What makes a folder one of our runs (mlsae_train/checkpoint.py; not imported from there: it imports this)."""
 
 __all__ = ["FORMATS", "ForeignTopK", "SAEFormat", "check_hub_name", "foreign_sae_dirs", "format_of", "layer_of_hook",
            "transformer_lens_hook"]
@@ -39,7 +38,7 @@ def foreign_sae_dirs(folder: str | Path) -> list[tuple[SAEFormat, Path]] | None:
     folder = Path(folder)
     if (fmt := format_of(folder)) is not None:
         return [(fmt, folder)]
-    if not folder.is_dir() or ((folder / OWN_CONFIG).is_file() and (folder / OWN_WEIGHTS).is_file()):
+    if not folder.is_dir() or ((folder / CONFIG_FILE).is_file() and (folder / SAE_FILE).is_file()):
         return None  # an mlsae-train run, even one with SAELens copies of itself below it (mlsae-export hub --saelens)
     found = [(fmt, sub) for sub in sorted(folder.iterdir()) if (fmt := format_of(sub)) is not None]
     return found or None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, first_line
 
 if TYPE_CHECKING:
     from ..dictionary import Dictionary
@@ -131,3 +131,26 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     if not isinstance(value, dict):
         raise MlsaeError(f"{path} holds no JSON object, so no {what}; {fix}")
     return value
+
+
+def read_float_weights(path: Path, required: tuple[str, ...], what: str, fix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path`` in float32 (the tools save float32 or bfloat16); one MlsaeError
+    line, naming ``what`` it should be and the ``fix``, when it is unreadable, lacks one of ``required`` (saying what
+    it holds instead) or holds a non-finite value."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = first_line(exc)
+        raise MlsaeError(f"{path} is not a readable {what} ({reason}); {fix}") from None
+    missing = [name for name in required if name not in tensors]
+    if missing:
+        held = ", ".join(sorted(tensors)[:5]) + (", ..." if len(tensors) > 5 else "")
+        raise MlsaeError(f"{path} lacks {missing[0]} (it holds {held or 'no tensor'}); {fix}")
+    out = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+    bad = next((name for name, tensor in out.items() if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise MlsaeError(f"{path} holds non-finite weights ({bad}); {fix}")
+    return out

@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 from mlsae_cache.errors import MlsaeError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from .base import ForeignTopK, SAEFormat, read_json_object
+from ..run_files import SAE_FILE
+from .base import ForeignTopK, SAEFormat, read_float_weights, read_json_object
+from .saelens import CFG_FILE as TOOL_CFG_FILE  # SAELens's and sparsify's cfg.json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-OWN_WEIGHTS, OTHER_CFG = "sae.safetensors", "cfg.json"
-"""Files of our runs and of SAELens/sparsify folders: a folder holding one is never a reference folder."""
 CONFIG_KEYS = ("n_inputs", "n_latents", "k")
 TRANSFORMER_KEYS = ("model_name", "expansion_factor", "k")
 """MLSAETransformer's constructor arguments (a -tfm repo's config.json)."""
@@ -71,7 +70,7 @@ class ReferenceFormat(SAEFormat):
     def recognises(self, folder: Path) -> bool:
         if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             return False
-        if (folder / OWN_WEIGHTS).exists() or (folder / OTHER_CFG).exists():
+        if (folder / SAE_FILE).exists() or (folder / TOOL_CFG_FILE).exists():
             return False  # one of our runs, or a SAELens/sparsify folder
         try:
             config = json.loads((folder / CONFIG_FILE).read_text())
@@ -159,20 +158,8 @@ def _tensor_names(path: Path) -> set[str]:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The three weights in float32, refused in one line when unreadable, missing or non-finite."""
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MlsaeError(f"{path} is not a readable reference MLSAE ({reason}); {FIX}") from None
-    missing = [name for name in TENSORS if name not in tensors]
-    if missing:
-        held = ", ".join(sorted(tensors)[:5]) + (", ..." if len(tensors) > 5 else "")
-        raise MlsaeError(f"{path} lacks {missing[0]} (it holds {held or 'no tensor'}); {FIX}")
-    out = {name: tensors[name].to(torch.float32) for name in TENSORS}
-    bad = next((name for name, tensor in out.items() if not torch.isfinite(tensor).all()), None)
-    if bad is not None:
-        raise MlsaeError(f"{path} holds non-finite weights ({bad}); {FIX}")
-    return out
+    tensors = read_float_weights(path, TENSORS, "reference MLSAE", FIX)
+    return {name: tensors[name] for name in TENSORS}
 
 
 REFERENCE = ReferenceFormat()

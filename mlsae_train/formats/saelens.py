@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mlsae_cache.atomic import atomic_write_json
-from mlsae_cache.errors import MlsaeError
+from mlsae_cache.errors import MlsaeError, first_line
 from mlsae_cache.integrity import DIGEST_KEY, IntegrityError, load_safetensors, matches, object_digest, save_safetensors
 
 from .base import ForeignTopK, InputNorm, SAEFormat, layer_of_hook, read_json_object, transformer_lens_hook
@@ -269,7 +269,7 @@ def _hf_block_path(model: str | None) -> str | None:
         return next(path for path, module in lm.named_modules() if module is blocks)
     except (OSError, ValueError, KeyError, ImportError, MlsaeError, StopIteration) as exc:
         print(
-            f"warning: cannot read the config of model {model!r} ({_first_line(exc)}), so the exported cfg.json files have "
+            f"warning: cannot read the config of model {model!r} ({first_line(exc, 160)}), so the exported cfg.json files have "
             "hf_hook_name null (their TransformerLens hook_name is set); export where the model's config is available",
             file=sys.stderr,
         )
@@ -370,7 +370,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except MlsaeError:
         raise
     except Exception as exc:  # safetensors raises its own error types, OSError, or ValueError for a torn header
-        raise MlsaeError(f"{path} is truncated or not a safetensors file ({_first_line(exc)}); {fix}") from None
+        raise MlsaeError(f"{path} is truncated or not a safetensors file ({first_line(exc, 160)}); {fix}") from None
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:
@@ -396,5 +396,3 @@ def _unit_scaling_factor(name: str, tensor: torch.Tensor) -> bool:
     return name == "scaling_factor" and bool((tensor == 1).all())
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

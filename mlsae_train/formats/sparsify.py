@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 from mlsae_cache.errors import MlsaeError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from .base import ForeignTopK, SAEFormat, layer_of_hook, read_json_object
+from .base import ForeignTopK, SAEFormat, layer_of_hook, read_float_weights, read_json_object
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -85,22 +83,11 @@ def _int(cfg: dict, key: str, folder: Path) -> int:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The four weights in float32 (sparsify saves float32 or bfloat16), refused in one line when damaged."""
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MlsaeError(f"{path} is not a readable sparsify SAE ({reason}); {FIX}") from None
-    missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in tensors]
-    if missing:
-        raise MlsaeError(f"{path} lacks {missing[0]} (a sparsify SAE saved without its decoder?); {FIX}")
+    """The weights in float32 (sparsify saves float32 or bfloat16), refused in one line when damaged."""
+    tensors = read_float_weights(path, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), "sparsify SAE", FIX)
     if tensors["encoder.weight"].ndim != 2:
         raise MlsaeError(f"{path} holds encoder.weight of shape {tuple(tensors['encoder.weight'].shape)}, not [n, d]; {FIX}")
-    out = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
-    bad = next((name for name, tensor in out.items() if not torch.isfinite(tensor).all()), None)
-    if bad is not None:
-        raise MlsaeError(f"{path} holds non-finite weights ({bad}); {FIX}")
-    return out
+    return tensors
 
 
 def _run_model(run: Path) -> str | None:
